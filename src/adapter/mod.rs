@@ -1,0 +1,7 @@
+//! Wire formats in, domain types out: the only layer that knows tonic and
+//! prost. Each adapter turns a wire request into an engine
+//! [`CheckInput`](crate::engine::CheckInput), asks the engine, and turns the
+//! [`Decision`](crate::engine::Decision) or error back into a wire answer.
+
+pub mod authorizer;
+pub mod status;

@@ -1,0 +1,232 @@
+//! Builds every part of the server from a [`ServeConfig`], runs it, and
+//! drains it on shutdown in Kubernetes order: report not serving, stop
+//! accepting, finish in-flight calls, all under a grace timeout.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::adapter::authorizer::AuthorizerService;
+use crate::admin::{self, AdminState};
+use crate::engine::{Engine, LoadError, LoadOptions, Sources};
+use crate::proto::v1::authorizer_server::AuthorizerServer;
+use crate::reload::{self, LoadStatus};
+use crate::telemetry::{self, DecisionMetrics, ReloadMetrics};
+
+/// Everything `arbiter serve` needs, after flags, env and file are merged.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub sources: Sources,
+    pub load: LoadOptions,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// How often the policy, schema and entity files are checked for changes.
+    pub reload_interval: Duration,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            sources: Sources::default(),
+            load: LoadOptions::default(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            reload_interval: Duration::from_millis(250),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on `{addr}`: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the policy set could not be loaded:\n{}", .0.render())]
+    InitialLoad(LoadError),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("internal task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A server with its listeners bound, not yet serving.
+#[derive(Debug)]
+pub struct Server {
+    config: ServeConfig,
+    grpc: TcpListener,
+    admin: TcpListener,
+}
+
+impl Server {
+    /// Binds the gRPC and admin listeners (port 0 picks a free port).
+    pub async fn bind(config: ServeConfig) -> Result<Self, ServeError> {
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: config.admin_listen,
+                source,
+            })?;
+        Ok(Server {
+            config,
+            grpc,
+            admin,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.grpc.local_addr()
+    }
+
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then drains. Health is
+    /// `NOT_SERVING` until the first policy set is loaded; a policy set that
+    /// cannot be loaded at start ends the server with its diagnostics.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        let Server {
+            config,
+            grpc,
+            admin,
+        } = self;
+        // The recorder must exist before any handle is registered.
+        telemetry::prometheus();
+        let decision_metrics = Arc::new(DecisionMetrics::register());
+        let reload_metrics = Arc::new(ReloadMetrics::register());
+        let engine = Arc::new(Engine::new());
+        let status = Arc::new(LoadStatus::default());
+        let serving = Arc::new(AtomicBool::new(false));
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        set_health(&health_reporter, ServingStatus::NotServing).await;
+
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|error| {
+                ServeError::InitialLoad(LoadError::one("<reflection>", error))
+            })?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let grpc_stop = wait_for_stop(stop_rx.clone());
+        let authorizer = AuthorizerService::new(engine.clone(), decision_metrics);
+        let grpc_server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(AuthorizerServer::new(authorizer))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop),
+        );
+        let admin_state = AdminState {
+            engine: engine.clone(),
+            status: status.clone(),
+            serving: serving.clone(),
+        };
+        let admin_server = tokio::spawn(admin::serve(
+            admin,
+            admin_state,
+            wait_for_stop(stop_rx.clone()),
+        ));
+
+        // First load, off the async workers: files may be large or slow.
+        let initial = {
+            let engine = engine.clone();
+            let sources = config.sources.clone();
+            let metrics = reload_metrics.clone();
+            let status = status.clone();
+            let options = config.load;
+            tokio::task::spawn_blocking(move || {
+                reload::load_and_publish(&engine, &sources, options, &metrics, &status)
+            })
+        };
+        tokio::pin!(shutdown);
+        let loaded = tokio::select! {
+            loaded = initial => Some(loaded?),
+            () = &mut shutdown => None,
+        };
+        match loaded {
+            Some(Err(error)) => {
+                let _ = stop_tx.send(true);
+                let _ = grpc_server.await;
+                let _ = admin_server.await;
+                return Err(ServeError::InitialLoad(error));
+            }
+            Some(Ok(())) => {
+                serving.store(true, Ordering::Release);
+                set_health(&health_reporter, ServingStatus::Serving).await;
+                tracing::info!(
+                    listen = %config.listen,
+                    "serving arbiter.v1.Authorizer{}",
+                    if config.sources.is_embedded() { " on the embedded default policy set" } else { "" }
+                );
+                let watcher = tokio::spawn(reload::watch_files(
+                    engine.clone(),
+                    config.sources.clone(),
+                    config.load,
+                    config.reload_interval,
+                    reload_metrics.clone(),
+                    status.clone(),
+                    stop_rx.clone(),
+                ));
+                shutdown.await;
+                drop(watcher);
+            }
+            None => {}
+        }
+
+        tracing::info!("shutting down: draining in-flight calls");
+        serving.store(false, Ordering::Release);
+        set_health(&health_reporter, ServingStatus::NotServing).await;
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(config.shutdown_grace, async {
+            let grpc = grpc_server.await;
+            let _ = admin_server.await;
+            grpc
+        })
+        .await;
+        match drained {
+            Ok(result) => result??,
+            Err(_) => tracing::warn!(
+                grace = ?config.shutdown_grace,
+                "grace period over with calls still in flight"
+            ),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status("arbiter.v1.Authorizer", status)
+        .await;
+}
+
+async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The `arbiter` command line: one file per subcommand, each a library
+//! function that returns an exit code. All of them load policies through
+//! [`crate::engine::loader`], exactly as the server does.
+
+pub mod check;
+pub mod serve;
+pub mod validate;
+
+use std::path::PathBuf;
+
+use crate::engine::Sources;
+
+/// Exit codes shared by the subcommands.
+pub mod exit {
+    /// Success (and, for `check`, an allow).
+    pub const OK: u8 = 0;
+    /// A failure of the tool or its environment (cannot bind, cannot read).
+    pub const FAILURE: u8 = 1;
+    /// `check`: the decision was deny. `test`: some case did not match.
+    pub const DENY: u8 = 2;
+    /// Policies, schema or entities are invalid.
+    pub const INVALID: u8 = 3;
+    /// The command line itself is wrong.
+    pub const USAGE: u8 = 64;
+}
+
+/// Where to load policies from; with no flag at all, the embedded example.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SourceArgs {
+    /// A `.cedar` file, or a directory searched recursively for `.cedar` files.
+    #[arg(long, value_name = "PATH")]
+    pub policies: Option<PathBuf>,
+    /// Cedar schema (`.cedarschema`, or JSON in a `.json` file).
+    #[arg(long, value_name = "PATH")]
+    pub schema: Option<PathBuf>,
+    /// Cedar entities JSON.
+    #[arg(long, value_name = "PATH")]
+    pub entities: Option<PathBuf>,
+    /// Do not require policies to pass strict validation against the schema.
+    #[arg(long)]
+    pub no_validate: bool,
+}
+
+impl SourceArgs {
+    pub fn sources(&self) -> Sources {
+        Sources {
+            policies: self.policies.clone(),
+            schema: self.schema.clone(),
+            entities: self.entities.clone(),
+        }
+    }
+
+    pub fn options(&self) -> crate::engine::LoadOptions {
+        crate::engine::LoadOptions {
+            validate_policies: !self.no_validate,
+            validate_requests: true,
+        }
+    }
+}

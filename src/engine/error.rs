@@ -1,0 +1,129 @@
+//! Errors of the engine layer: a request that cannot be evaluated
+//! ([`RequestError`], the caller's fault) and a policy set, schema or entity
+//! file that cannot be loaded ([`LoadError`], the operator's fault).
+
+use std::fmt;
+
+/// Which part of a request was malformed. The adapter turns this into the
+/// name of the wire field (`principal`, `context_json`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestField {
+    Principal,
+    Action,
+    Resource,
+    Context,
+    Entities,
+    /// The request as a whole (schema validation of the principal, action,
+    /// resource and context together).
+    Request,
+}
+
+impl RequestField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestField::Principal => "principal",
+            RequestField::Action => "action",
+            RequestField::Resource => "resource",
+            RequestField::Context => "context_json",
+            RequestField::Entities => "entities_json",
+            RequestField::Request => "request",
+        }
+    }
+}
+
+impl fmt::Display for RequestField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A request that cannot be evaluated. Never becomes an allow.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("`{field}` is invalid: {message}")]
+    Invalid {
+        field: RequestField,
+        message: String,
+    },
+    #[error("no policy set is loaded yet")]
+    NotReady,
+}
+
+impl RequestError {
+    pub(crate) fn invalid(field: RequestField, message: impl fmt::Display) -> Self {
+        RequestError::Invalid {
+            field,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// One problem found while loading, located in a file where possible.
+#[derive(Debug, Clone)]
+pub struct LoadDiagnostic {
+    /// File the problem is in (`<embedded>/...` for the built-in default).
+    pub file: String,
+    /// 1-based line and column, when the problem has a source location.
+    pub location: Option<(usize, usize)>,
+    pub message: String,
+    /// Cedar's full diagnostic rendered with the offending source and a caret.
+    pub rendered: String,
+}
+
+impl fmt::Display for LoadDiagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.location {
+            Some((line, column)) => write!(f, "{}:{line}:{column}: {}", self.file, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// A policy set, schema or entities file that cannot be loaded; carries every
+/// problem found, not just the first.
+#[derive(Debug, thiserror::Error)]
+pub struct LoadError {
+    pub diagnostics: Vec<LoadDiagnostic>,
+}
+
+impl LoadError {
+    pub(crate) fn one(file: impl Into<String>, message: impl fmt::Display) -> Self {
+        let message = message.to_string();
+        LoadError {
+            diagnostics: vec![LoadDiagnostic {
+                file: file.into(),
+                location: None,
+                rendered: message.clone(),
+                message,
+            }],
+        }
+    }
+
+    /// The rendered diagnostics, one after another, for terminals and logs.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for diagnostic in &self.diagnostics {
+            out.push_str(&diagnostic.to_string());
+            out.push('\n');
+            if diagnostic.rendered != diagnostic.message {
+                out.push_str(&diagnostic.rendered);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for diagnostic in &self.diagnostics {
+            if !first {
+                f.write_str("; ")?;
+            }
+            first = false;
+            write!(f, "{diagnostic}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,490 @@
+//! Loads a policy set, its schema and the entities file into a [`Snapshot`],
+//! collecting every problem as a located diagnostic. The server, the hot
+//! reloader and every CLI subcommand load through here, so they can never
+//! disagree about a policy set.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cedar_policy::{
+    Entities, Policy, PolicyId, PolicySet, Schema, Template, ValidationMode, Validator,
+};
+use miette::{Diagnostic, GraphicalReportHandler, GraphicalTheme, NamedSource};
+use sha2::{Digest, Sha256};
+
+use super::error::{LoadDiagnostic, LoadError};
+use super::snapshot::{EntityData, PolicySnapshot, Snapshot};
+
+/// The example in `policies/`, compiled into the binary: `(relative path, text)`.
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded_policies.rs"));
+}
+
+/// Where a policy set comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sources {
+    /// A `.cedar` file, or a directory searched recursively for `.cedar` files.
+    /// `None` (with no schema and no entities either) means the embedded default.
+    pub policies: Option<PathBuf>,
+    /// A `.cedarschema` file, or a JSON schema (`.json`).
+    pub schema: Option<PathBuf>,
+    /// A Cedar entities JSON file.
+    pub entities: Option<PathBuf>,
+}
+
+impl Sources {
+    /// True when nothing is configured: the embedded default is served.
+    pub fn is_embedded(&self) -> bool {
+        self.policies.is_none() && self.schema.is_none() && self.entities.is_none()
+    }
+
+    /// The files and directories whose changes must trigger a reload.
+    pub fn watched_paths(&self) -> Vec<PathBuf> {
+        [&self.policies, &self.schema, &self.entities]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Switches that change what a load accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Require policies to pass strict validation against the schema.
+    pub validate_policies: bool,
+    /// Validate every request against the schema.
+    pub validate_requests: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            validate_policies: true,
+            validate_requests: true,
+        }
+    }
+}
+
+/// A text file as read, with the name diagnostics use for it.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub name: String,
+    pub text: Arc<str>,
+}
+
+/// What a successful load produced besides the snapshot.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Validation warnings (they do not stop a load).
+    pub warnings: Vec<LoadDiagnostic>,
+}
+
+/// Reads all configured files and builds a snapshot from them.
+pub fn load(sources: &Sources, options: LoadOptions) -> Result<(Snapshot, LoadReport), LoadError> {
+    let inputs = read_inputs(sources)?;
+    build(&inputs, options)
+}
+
+/// The raw texts of one policy set, before parsing.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub policy_files: Vec<SourceFile>,
+    /// True when `policy_files` came from one file given directly: Cedar's own
+    /// positional ids (`policy0`, ...) then apply.
+    pub single_file: bool,
+    pub schema: Option<SourceFile>,
+    pub entities: Option<SourceFile>,
+}
+
+/// Reads the texts named by `sources` (or the embedded default).
+pub fn read_inputs(sources: &Sources) -> Result<Inputs, LoadError> {
+    if sources.is_embedded() {
+        return Ok(embedded_inputs());
+    }
+    let (policy_files, single_file) = match &sources.policies {
+        None => (Vec::new(), false),
+        Some(path) if path.is_dir() => (read_policy_dir(path)?, false),
+        Some(path) => (vec![read_file(path)?], true),
+    };
+    let schema = sources.schema.as_deref().map(read_file).transpose()?;
+    let entities = sources.entities.as_deref().map(read_file).transpose()?;
+    Ok(Inputs {
+        policy_files,
+        single_file,
+        schema,
+        entities,
+    })
+}
+
+fn embedded_inputs() -> Inputs {
+    let mut policy_files = Vec::new();
+    let mut schema = None;
+    let mut entities = None;
+    for (name, text) in embedded::FILES {
+        let file = SourceFile {
+            name: format!("<embedded>/{name}"),
+            text: Arc::from(*text),
+        };
+        if name.ends_with(".cedar") {
+            policy_files.push(file);
+        } else if name.ends_with(".cedarschema") {
+            schema = Some(file);
+        } else if *name == "entities.json" {
+            entities = Some(file);
+        }
+    }
+    Inputs {
+        policy_files,
+        single_file: false,
+        schema,
+        entities,
+    }
+}
+
+fn read_file(path: &Path) -> Result<SourceFile, LoadError> {
+    let name = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(SourceFile {
+            name,
+            text: Arc::from(text),
+        }),
+        Err(error) => Err(LoadError::one(name, format!("cannot read file: {error}"))),
+    }
+}
+
+/// Every `.cedar` file below `root`, sorted by path so ids are stable.
+/// Names are relative to `root` with `/` separators.
+fn read_policy_dir(root: &Path) -> Result<Vec<SourceFile>, LoadError> {
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|error| {
+            LoadError::one(dir.display().to_string(), format!("cannot read directory: {error}"))
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|error| {
+                LoadError::one(dir.display().to_string(), format!("cannot read directory: {error}"))
+            })?;
+            let path = entry.path();
+            let name = entry.file_name();
+            // Kubernetes ConfigMap volumes hold `..data` and timestamped
+            // `..2024_...` directories beside symlinks to them: reading the
+            // symlinks alone sees every file exactly once.
+            if name.to_string_lossy().starts_with("..") {
+                continue;
+            }
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|ext| ext == "cedar") {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    let mut files = Vec::with_capacity(found.len());
+    for path in found {
+        let mut file = read_file(&path)?;
+        let relative = path.strip_prefix(root).unwrap_or(&path);
+        file.name = relative
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/");
+        files.push(file);
+    }
+    Ok(files)
+}
+
+/// Parses, names, validates and assembles a snapshot from raw texts.
+pub fn build(inputs: &Inputs, options: LoadOptions) -> Result<(Snapshot, LoadReport), LoadError> {
+    let mut diagnostics = Vec::new();
+    let mut report = LoadReport::default();
+
+    let schema = match &inputs.schema {
+        None => None,
+        Some(file) => match parse_schema(file) {
+            Ok((schema, warnings)) => {
+                report.warnings.extend(warnings);
+                Some(schema)
+            }
+            Err(errors) => {
+                diagnostics.extend(errors);
+                None
+            }
+        },
+    };
+
+    let (policies, origins) = match assemble_policies(inputs) {
+        Ok(assembled) => assembled,
+        Err(errors) => {
+            diagnostics.extend(errors);
+            (PolicySet::new(), HashMap::new())
+        }
+    };
+
+    if !diagnostics.is_empty() {
+        return Err(LoadError { diagnostics });
+    }
+
+    if let Some(schema) = &schema {
+        let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        let locate = |id: &PolicyId| origins.get(id.to_string().as_str());
+        for warning in result.validation_warnings() {
+            report.warnings.push(policy_diagnostic(locate(warning.policy_id()), warning));
+        }
+        if options.validate_policies {
+            for error in result.validation_errors() {
+                diagnostics.push(policy_diagnostic(locate(error.policy_id()), error));
+            }
+        }
+        if !diagnostics.is_empty() {
+            return Err(LoadError { diagnostics });
+        }
+    }
+
+    let entities = parse_entities(inputs.entities.as_ref(), schema.as_ref())?;
+
+    let policy_revision = revision(
+        inputs
+            .schema
+            .iter()
+            .chain(inputs.policy_files.iter())
+            .map(|file| (file.name.as_str(), &*file.text)),
+    );
+    let data_revision = revision(
+        inputs
+            .entities
+            .iter()
+            .map(|file| (file.name.as_str(), &*file.text)),
+    );
+
+    let policy_snapshot = PolicySnapshot::new(
+        policies,
+        schema,
+        policy_revision,
+        options.validate_requests,
+    );
+    let entity_data = EntityData::new(entities, data_revision);
+    Ok((
+        Snapshot {
+            policies: Arc::new(policy_snapshot),
+            data: Arc::new(entity_data),
+        },
+        report,
+    ))
+}
+
+/// Where each policy id came from, for diagnostics.
+type Origins<'a> = HashMap<String, &'a SourceFile>;
+
+fn assemble_policies(inputs: &Inputs) -> Result<(PolicySet, Origins<'_>), Vec<LoadDiagnostic>> {
+    let mut combined = PolicySet::new();
+    let mut origins: Origins<'_> = HashMap::new();
+    let mut diagnostics = Vec::new();
+    for file in &inputs.policy_files {
+        let parsed = match PolicySet::from_str(&file.text) {
+            Ok(parsed) => parsed,
+            Err(errors) => {
+                diagnostics.extend(errors.iter().map(|error| located(file, error)));
+                continue;
+            }
+        };
+        // Cedar names the policies of one parsed file `policy0`, `policy1`,
+        // ... in file order; keep that for a single file, qualify it by the
+        // file's path inside a directory (`rbac.cedar#policy0`).
+        let default_id = |id: &PolicyId| -> String {
+            if inputs.single_file {
+                id.to_string()
+            } else {
+                format!("{}#{id}", file.name)
+            }
+        };
+        let mut add_id = |id: String, diagnostics: &mut Vec<LoadDiagnostic>| -> Option<PolicyId> {
+            if let Some(previous) = origins.get(&id) {
+                diagnostics.push(LoadDiagnostic::plain(
+                    &file.name,
+                    format!("duplicate policy id `{id}` (also used in {})", previous.name),
+                ));
+                return None;
+            }
+            origins.insert(id.clone(), file);
+            Some(PolicyId::new(id))
+        };
+        for template in parsed.templates() {
+            let id = template
+                .annotation("id")
+                .map(str::to_owned)
+                .unwrap_or_else(|| default_id(template.id()));
+            if let Some(id) = add_id(id, &mut diagnostics) {
+                let renamed: Template = template.new_id(id);
+                if let Err(error) = combined.add_template(renamed) {
+                    diagnostics.push(LoadDiagnostic::plain(&file.name, error));
+                }
+            }
+        }
+        for policy in parsed.policies() {
+            let id = policy
+                .annotation("id")
+                .map(str::to_owned)
+                .unwrap_or_else(|| default_id(policy.id()));
+            if let Some(id) = add_id(id, &mut diagnostics) {
+                let renamed: Policy = policy.new_id(id);
+                if let Err(error) = combined.add(renamed) {
+                    diagnostics.push(LoadDiagnostic::plain(&file.name, error));
+                }
+            }
+        }
+    }
+    if diagnostics.is_empty() {
+        Ok((combined, origins))
+    } else {
+        Err(diagnostics)
+    }
+}
+
+fn parse_schema(file: &SourceFile) -> Result<(Schema, Vec<LoadDiagnostic>), Vec<LoadDiagnostic>> {
+    if file.name.ends_with(".json") {
+        return Schema::from_json_str(&file.text)
+            .map(|schema| (schema, Vec::new()))
+            .map_err(|error| vec![located(file, &error)]);
+    }
+    match Schema::from_cedarschema_str(&file.text) {
+        Ok((schema, warnings)) => {
+            let warnings = warnings.map(|warning| located(file, &warning)).collect();
+            Ok((schema, warnings))
+        }
+        Err(error) => Err(vec![located(file, &error)]),
+    }
+}
+
+/// Parses an entities file (or none) with the schema; the schema's action
+/// entities are always included.
+pub(crate) fn parse_entities(
+    file: Option<&SourceFile>,
+    schema: Option<&Schema>,
+) -> Result<Entities, LoadError> {
+    let (name, text) = match file {
+        Some(file) => (file.name.as_str(), &*file.text),
+        None => ("<no entities>", "[]"),
+    };
+    Entities::from_json_str(text, schema).map_err(|error| LoadError {
+        diagnostics: vec![located(
+            &SourceFile {
+                name: name.to_owned(),
+                text: Arc::from(text),
+            },
+            &error,
+        )],
+    })
+}
+
+fn revision<'a>(parts: impl Iterator<Item = (&'a str, &'a str)>) -> Arc<str> {
+    let mut hasher = Sha256::new();
+    for (name, text) in parts {
+        hasher.update((name.len() as u64).to_le_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update((text.len() as u64).to_le_bytes());
+        hasher.update(text.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().take(8).map(|byte| format!("{byte:02x}")).collect();
+    Arc::from(hex)
+}
+
+impl LoadDiagnostic {
+    fn plain(file: &str, message: impl fmt::Display) -> Self {
+        let message = message.to_string();
+        LoadDiagnostic {
+            file: file.to_owned(),
+            location: None,
+            rendered: message.clone(),
+            message,
+        }
+    }
+}
+
+fn policy_diagnostic(origin: Option<&&SourceFile>, error: &dyn Diagnostic) -> LoadDiagnostic {
+    match origin {
+        Some(file) => located(file, error),
+        None => LoadDiagnostic::plain("<policies>", error),
+    }
+}
+
+/// Turns a Cedar diagnostic about `file` into a located, rendered one.
+fn located(file: &SourceFile, error: &dyn Diagnostic) -> LoadDiagnostic {
+    let mut message = error.to_string();
+    if let Some(help) = error.help() {
+        message.push_str(&format!(" (help: {help})"));
+    }
+    let location = error
+        .labels()
+        .and_then(|mut labels| labels.next())
+        .map(|label| line_column(&file.text, label.offset()));
+    let wrapper = WithSource {
+        inner: error,
+        source: NamedSource::new(file.name.clone(), file.text.to_string()),
+    };
+    let mut rendered = String::new();
+    let handler = GraphicalReportHandler::new_themed(GraphicalTheme::unicode_nocolor());
+    if handler.render_report(&mut rendered, &wrapper).is_err() {
+        rendered = message.clone();
+    }
+    LoadDiagnostic {
+        file: file.name.clone(),
+        location,
+        message,
+        rendered,
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |index| index + 1);
+    let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, column)
+}
+
+/// A Cedar diagnostic shown against the file it is about.
+struct WithSource<'a> {
+    inner: &'a dyn Diagnostic,
+    source: NamedSource<String>,
+}
+
+impl fmt::Debug for WithSource<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.inner, f)
+    }
+}
+
+impl fmt::Display for WithSource<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self.inner, f)
+    }
+}
+
+impl std::error::Error for WithSource<'_> {}
+
+impl Diagnostic for WithSource<'_> {
+    fn code<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
+        self.inner.code()
+    }
+    fn help<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
+        self.inner.help()
+    }
+    fn severity(&self) -> Option<miette::Severity> {
+        self.inner.severity()
+    }
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
+        self.inner.labels()
+    }
+    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
+        Some(&self.source)
+    }
+}

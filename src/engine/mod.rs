@@ -1,0 +1,237 @@
+//! The decision engine: turns a [`CheckInput`] into a [`Decision`] by
+//! evaluating Cedar policies against the current [`Snapshot`].
+//!
+//! Invariants: no IO, no `.await`, no locks. The current snapshot is loaded
+//! once per decision from an `ArcSwap` and read by reference. A malformed
+//! request is a [`RequestError`]; anything that goes wrong inside evaluation
+//! is carried in the [`Decision`] and can only lead to deny.
+
+mod decision;
+mod error;
+pub mod loader;
+mod snapshot;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, EntityId, EntityTypeName, EntityUid,
+    Request, Schema,
+};
+
+pub use decision::{Decision, PolicyEvaluationError};
+pub use error::{LoadDiagnostic, LoadError, RequestError, RequestField};
+pub use loader::{LoadOptions, LoadReport, Sources};
+pub use snapshot::{EntityData, PolicySnapshot, Snapshot};
+
+use snapshot::collect_uids;
+
+/// An entity uid as it arrives: a type name (possibly namespaced,
+/// `Saas::User`) and an id (any string, the empty one included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidInput<'a> {
+    pub type_name: &'a str,
+    pub id: &'a str,
+}
+
+/// One authorization question, borrowed from the wire message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckInput<'a> {
+    pub principal: Option<UidInput<'a>>,
+    pub action: Option<UidInput<'a>>,
+    pub resource: Option<UidInput<'a>>,
+    /// Cedar JSON context object; empty means `{}`.
+    pub context_json: &'a str,
+    /// Cedar entities JSON array merged over the store for this decision.
+    pub entities_json: &'a str,
+}
+
+/// Holds the current snapshot and answers checks against it.
+#[derive(Debug, Default)]
+pub struct Engine {
+    current: ArcSwapOption<Snapshot>,
+    authorizer: Authorizer,
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes `snapshot` the state every later decision sees.
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.current.store(Some(Arc::new(snapshot)));
+    }
+
+    /// The current snapshot, if one was published.
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    /// Decides one request against the current snapshot.
+    pub fn check(&self, input: &CheckInput<'_>) -> Result<Decision, RequestError> {
+        let guard = self.current.load();
+        let snapshot = guard.as_deref().ok_or(RequestError::NotReady)?;
+        self.check_against(snapshot, input)
+    }
+
+    /// Decides several requests against one snapshot, so a batch is answered
+    /// from one consistent state. Stops at the first malformed request and
+    /// reports its index.
+    pub fn check_all(
+        &self,
+        inputs: &[CheckInput<'_>],
+    ) -> Result<Vec<Decision>, (usize, RequestError)> {
+        let guard = self.current.load();
+        let snapshot = guard
+            .as_deref()
+            .ok_or((0, RequestError::NotReady))?;
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(index, input)| {
+                self.check_against(snapshot, input)
+                    .map_err(|error| (index, error))
+            })
+            .collect()
+    }
+
+    /// Decides one request against a given snapshot.
+    pub fn check_against(
+        &self,
+        snapshot: &Snapshot,
+        input: &CheckInput<'_>,
+    ) -> Result<Decision, RequestError> {
+        let started = Instant::now();
+        let policies = &*snapshot.policies;
+        let schema = policies.schema.as_ref();
+
+        let principal = parse_uid(input.principal, RequestField::Principal)?;
+        let action = parse_uid(input.action, RequestField::Action)?;
+        let resource = parse_uid(input.resource, RequestField::Resource)?;
+
+        let context_value = if input.context_json.trim().is_empty() {
+            None
+        } else {
+            let value: serde_json::Value = serde_json::from_str(input.context_json)
+                .map_err(|error| RequestError::invalid(RequestField::Context, error))?;
+            if !value.is_object() {
+                return Err(RequestError::invalid(
+                    RequestField::Context,
+                    "must be a JSON object",
+                ));
+            }
+            Some(value)
+        };
+        let has_overlay = !input.entities_json.trim().is_empty();
+        let context = parse_context(context_value.as_ref(), schema, &action, policies.validate_requests)?;
+        // Entities named in the context are roots of the overlay's slice.
+        let mut context_uids = Vec::new();
+        if has_overlay {
+            if let Some(serde_json::Value::Object(fields)) = &context_value {
+                for key in fields.keys() {
+                    if let Some(value) = context.get(key) {
+                        collect_uids(&value, &mut context_uids);
+                    }
+                }
+            }
+        }
+
+        let request_schema = if policies.validate_requests { schema } else { None };
+        let request = Request::new(
+            principal.clone(),
+            action.clone(),
+            resource.clone(),
+            context,
+            request_schema,
+        )
+        .map_err(|error| RequestError::invalid(RequestField::Request, error))?;
+
+        let response = if !has_overlay {
+            self.authorizer
+                .is_authorized(&request, &policies.policies, &snapshot.data.entities)
+        } else {
+            let overlay = parse_overlay(input.entities_json, schema)?;
+            let mut roots = vec![principal, action, resource];
+            roots.append(&mut context_uids);
+            roots.extend(policies.literal_uids.iter().cloned());
+            let slice = snapshot.data.slice_with_overlay(roots, &overlay);
+            let entities = Entities::from_entities(slice, None)
+                .map_err(|error| RequestError::invalid(RequestField::Entities, error))?;
+            self.authorizer
+                .is_authorized(&request, &policies.policies, &entities)
+        };
+
+        let diagnostics = response.diagnostics();
+        let reasons = diagnostics.reason().map(ToString::to_string).collect();
+        let errors = diagnostics
+            .errors()
+            .map(|error| match error {
+                cedar_policy::AuthorizationError::PolicyEvaluationError(error) => {
+                    PolicyEvaluationError {
+                        policy_id: error.policy_id().to_string(),
+                        message: error.inner().to_string(),
+                    }
+                }
+            })
+            .collect();
+        Ok(Decision {
+            allowed: response.decision() == CedarDecision::Allow,
+            reasons,
+            errors,
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            policy_revision: policies.revision.clone(),
+            data_revision: snapshot.data.revision.clone(),
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+fn parse_uid(input: Option<UidInput<'_>>, field: RequestField) -> Result<EntityUid, RequestError> {
+    let input = input.ok_or_else(|| RequestError::invalid(field, "is required"))?;
+    if input.type_name.is_empty() {
+        return Err(RequestError::invalid(field, "entity type is empty"));
+    }
+    let type_name: EntityTypeName = input.type_name.parse().map_err(|error| {
+        RequestError::invalid(
+            field,
+            format!("`{}` is not a valid entity type: {error}", input.type_name),
+        )
+    })?;
+    Ok(EntityUid::from_type_name_and_id(
+        type_name,
+        EntityId::new(input.id),
+    ))
+}
+
+fn parse_context(
+    value: Option<&serde_json::Value>,
+    schema: Option<&Schema>,
+    action: &EntityUid,
+    validate_requests: bool,
+) -> Result<Context, RequestError> {
+    let Some(value) = value else {
+        return Ok(Context::empty());
+    };
+    // With a schema the context is parsed against the action's context type,
+    // so `"10.0.0.1"` becomes an `ipaddr` where the schema says so.
+    match (schema, validate_requests) {
+        (Some(schema), true) => Context::from_json_value(value.clone(), Some((schema, action)))
+            .map_err(|error| RequestError::invalid(RequestField::Context, error)),
+        (Some(schema), false) => {
+            // Unvalidated requests may name actions the schema lacks: fall
+            // back to schema-less parsing rather than refusing them.
+            Context::from_json_value(value.clone(), Some((schema, action)))
+                .or_else(|_| Context::from_json_value(value.clone(), None))
+                .map_err(|error| RequestError::invalid(RequestField::Context, error))
+        }
+        (None, _) => Context::from_json_value(value.clone(), None)
+            .map_err(|error| RequestError::invalid(RequestField::Context, error)),
+    }
+}
+
+fn parse_overlay(json: &str, schema: Option<&Schema>) -> Result<Entities, RequestError> {
+    Entities::from_json_str(json, schema)
+        .map_err(|error| RequestError::invalid(RequestField::Entities, error))
+}

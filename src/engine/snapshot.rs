@@ -1,0 +1,170 @@
+//! The immutable state a decision reads: a policy set with its schema, and
+//! the entity data. Built off the hot path, published by an atomic swap, and
+//! read by reference: a decision never copies a whole policy set or store.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use cedar_policy::{Entities, Entity, EntityUid, EvalResult, PolicySet, Schema};
+
+/// Everything one decision needs, swapped as one unit so that a request sees
+/// the whole old state or the whole new state, never a mix.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub policies: Arc<PolicySnapshot>,
+    pub data: Arc<EntityData>,
+}
+
+/// A parsed, validated policy set and the schema it was validated against.
+#[derive(Debug)]
+pub struct PolicySnapshot {
+    pub policies: PolicySet,
+    pub schema: Option<Schema>,
+    /// Changes whenever the policies or the schema change.
+    pub revision: Arc<str>,
+    /// Validate requests against the schema (when there is one).
+    pub validate_requests: bool,
+    /// Entities named literally in some policy: a request-scoped slice of the
+    /// store must contain them, since a policy can reach them without going
+    /// through the request.
+    pub(crate) literal_uids: Box<[EntityUid]>,
+}
+
+impl PolicySnapshot {
+    pub fn new(
+        policies: PolicySet,
+        schema: Option<Schema>,
+        revision: Arc<str>,
+        validate_requests: bool,
+    ) -> Self {
+        let mut literals: HashSet<EntityUid> = HashSet::new();
+        for policy in policies.policies() {
+            literals.extend(policy.entity_literals());
+        }
+        PolicySnapshot {
+            policies,
+            schema,
+            revision,
+            validate_requests,
+            literal_uids: literals.into_iter().collect(),
+        }
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.policies.num_of_policies()
+    }
+}
+
+/// The entity store a decision reads.
+#[derive(Debug)]
+pub struct EntityData {
+    pub entities: Entities,
+    /// Version of this data (a content hash for a file).
+    pub revision: Arc<str>,
+    /// For every entity, the entities it leads to: its ancestors and the
+    /// entities its attributes and tags reference. Precomputed so a
+    /// request-scoped slice is a graph walk, not a scan of attribute values.
+    references: HashMap<EntityUid, Box<[EntityUid]>>,
+}
+
+impl EntityData {
+    pub fn new(entities: Entities, revision: Arc<str>) -> Self {
+        let mut references = HashMap::with_capacity(entities.len());
+        for entity in entities.iter() {
+            let uid = entity.uid();
+            let mut out = Vec::new();
+            out.extend(entities.ancestors(&uid).into_iter().flatten().cloned());
+            for (_, value) in entity.attrs() {
+                if let Ok(value) = value {
+                    collect_uids(&value, &mut out);
+                }
+            }
+            for (_, value) in entity.tags() {
+                if let Ok(value) = value {
+                    collect_uids(&value, &mut out);
+                }
+            }
+            if !out.is_empty() {
+                references.insert(uid, out.into_boxed_slice());
+            }
+        }
+        EntityData {
+            entities,
+            revision,
+            references,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entities.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entities.is_empty()
+    }
+
+    /// The entities reachable from `roots`, with `overlay` entities taking
+    /// the place of stored ones with the same uid. Evaluating against this
+    /// slice gives the same answer as evaluating against the whole store with
+    /// the overlay merged in, because Cedar can reach an entity only from the
+    /// request, the context, policy literals, or another reachable entity.
+    pub fn slice_with_overlay(
+        &self,
+        roots: impl IntoIterator<Item = EntityUid>,
+        overlay: &Entities,
+    ) -> Vec<Entity> {
+        let mut seen: HashSet<EntityUid> = HashSet::new();
+        let mut pending: Vec<EntityUid> = roots.into_iter().collect();
+        let mut slice = Vec::new();
+        while let Some(uid) = pending.pop() {
+            if !seen.insert(uid.clone()) {
+                continue;
+            }
+            if let Some(entity) = overlay.get(&uid) {
+                // The request's copy wins; follow its own references, and
+                // its parents so their ancestors join the closure.
+                let mut out = Vec::new();
+                for (_, value) in entity.attrs() {
+                    if let Ok(value) = value {
+                        collect_uids(&value, &mut out);
+                    }
+                }
+                for (_, value) in entity.tags() {
+                    if let Ok(value) = value {
+                        collect_uids(&value, &mut out);
+                    }
+                }
+                out.extend(overlay.ancestors(&uid).into_iter().flatten().cloned());
+                pending.extend(out.into_iter().filter(|uid| !seen.contains(uid)));
+                slice.push(entity.clone());
+            } else if let Some(entity) = self.entities.get(&uid) {
+                if let Some(references) = self.references.get(&uid) {
+                    pending.extend(references.iter().filter(|uid| !seen.contains(*uid)).cloned());
+                }
+                slice.push(entity.clone());
+            }
+        }
+        slice
+    }
+}
+
+/// Every entity uid inside a value (sets and records included).
+pub(crate) fn collect_uids(value: &EvalResult, out: &mut Vec<EntityUid>) {
+    match value {
+        EvalResult::EntityUid(uid) => out.push(uid.clone()),
+        EvalResult::Set(set) => {
+            for item in set.iter() {
+                collect_uids(item, out);
+            }
+        }
+        EvalResult::Record(record) => {
+            for (_, item) in record.iter() {
+                collect_uids(item, out);
+            }
+        }
+        EvalResult::Bool(_)
+        | EvalResult::Long(_)
+        | EvalResult::String(_)
+        | EvalResult::ExtensionValue(_) => {}
+    }
+}

@@ -1,0 +1,42 @@
+//! Arbiter: a Cedar policy decision point that runs as a sidecar.
+//!
+//! One request crosses the crate left to right, each room once:
+//!
+//! ```text
+//! gRPC ─▶ adapter (wire ⇄ domain) ─▶ engine::Engine::check ─▶ Decision ─▶ adapter ─▶ wire
+//!                                      │ reads Arc<Snapshot> (one atomic load)
+//!         reload (watch files) ────────┘ publishes a new Snapshot (atomic swap)
+//! ```
+//!
+//! Layout:
+//! - [`adapter`]: the only module that knows tonic and prost; errors become
+//!   gRPC statuses in [`adapter::status`].
+//! - [`engine`]: pure decisions: no IO, no await, no locks; loading lives in
+//!   [`engine::loader`], shared by the server and every CLI subcommand.
+//! - [`reload`]: hot reload of policy, schema and entity files.
+//! - [`app`]: builds the server from [`app::ServeConfig`], runs and drains it.
+//! - [`admin`]: `/live`, `/ready`, `/metrics`.
+//! - [`config`]: flags, `ARBITER_*` env and the TOML file, merged.
+//! - [`telemetry`]: logging and metric handles.
+//! - [`cli`]: one module per subcommand.
+
+pub mod adapter;
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod reload;
+pub mod shutdown;
+pub mod telemetry;
+
+/// Code generated from `proto/`.
+pub mod proto {
+    /// The file descriptor set of `proto/`, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/arbiter_descriptor.bin"));
+
+    pub mod v1 {
+        tonic::include_proto!("arbiter.v1");
+    }
+}

@@ -1,0 +1,44 @@
+//! The `arbiter` binary: parses the command line and runs a subcommand.
+
+use std::process::ExitCode;
+
+use arbiter::cli::{self, check::CheckArgs, SourceArgs};
+use arbiter::config::ServeArgs;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "arbiter", version, about = "Cedar policy decision point sidecar")]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "ARBITER_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve decisions over gRPC (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Check that policies, schema and entities load and validate.
+    Validate(SourceArgs),
+    /// Answer one request locally, without a server.
+    Check(CheckArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    arbiter::telemetry::init_logging(cli.log_json);
+    let code = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime.block_on(cli::serve::run(&args)),
+            Err(error) => {
+                eprintln!("error: cannot start the async runtime: {error}");
+                cli::exit::FAILURE
+            }
+        },
+        Command::Validate(args) => cli::validate::run(&args),
+        Command::Check(args) => cli::check::run(&args),
+    };
+    ExitCode::from(code)
+}

@@ -1,0 +1,186 @@
+//! Hot reload: watches the policy, schema and entity files and publishes a
+//! new snapshot when they change. An invalid edit keeps the last good
+//! snapshot serving and is reported (log, metric, `/ready` details).
+//!
+//! Watching is by polling a fingerprint (path, size, mtime, inode of every
+//! file, symlinks followed) rather than by inotify: it sees saves by rename
+//! and Kubernetes ConfigMap updates (which swap a `..data` symlink) alike,
+//! and costs a few `stat` calls per interval.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::watch;
+
+use crate::engine::{Engine, LoadError, LoadOptions, Sources, loader};
+use crate::telemetry::ReloadMetrics;
+
+/// What the admin endpoints report about loading.
+#[derive(Debug, Default)]
+pub struct LoadStatus {
+    /// The diagnostics of the last refused reload; cleared by a good one.
+    pub last_error: ArcSwapOption<String>,
+    pub last_success: ArcSwapOption<SystemTime>,
+}
+
+/// One file as seen by a poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+/// The state of all watched files; any difference triggers a reload.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fingerprint(Vec<Option<FileStamp>>);
+
+impl Fingerprint {
+    pub fn of(paths: &[PathBuf]) -> Self {
+        let mut stamps = Vec::new();
+        for path in paths {
+            stamp_tree(path, &mut stamps);
+        }
+        Fingerprint(stamps)
+    }
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    let metadata = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&metadata);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some(FileStamp {
+        path: path.to_path_buf(),
+        len: metadata.len(),
+        modified: metadata.modified().ok(),
+        inode,
+    })
+}
+
+fn stamp_tree(path: &Path, stamps: &mut Vec<Option<FileStamp>>) {
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = match std::fs::read_dir(path) {
+            Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(_) => {
+                stamps.push(None);
+                return;
+            }
+        };
+        entries.sort();
+        for entry in entries {
+            let hidden = entry
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(".."));
+            if hidden {
+                continue;
+            }
+            if entry.is_dir() {
+                stamp_tree(&entry, stamps);
+            } else if entry.extension().is_some_and(|ext| ext == "cedar") {
+                stamps.push(stamp(&entry));
+            }
+        }
+    } else {
+        stamps.push(stamp(path));
+    }
+}
+
+/// Loads and publishes a snapshot, updating metrics and status. Returns the
+/// load error, already logged, when the files are invalid.
+pub fn load_and_publish(
+    engine: &Engine,
+    sources: &Sources,
+    options: LoadOptions,
+    metrics: &ReloadMetrics,
+    status: &LoadStatus,
+) -> Result<(), LoadError> {
+    match loader::load(sources, options) {
+        Ok((snapshot, report)) => {
+            for warning in &report.warnings {
+                tracing::warn!(target: "arbiter::policy", "{warning}");
+            }
+            metrics
+                .policies_loaded
+                .set(snapshot.policies.policy_count() as f64);
+            metrics.entities_loaded.set(snapshot.data.len() as f64);
+            tracing::info!(
+                policy_revision = %snapshot.policies.revision,
+                data_revision = %snapshot.data.revision,
+                policies = snapshot.policies.policy_count(),
+                entities = snapshot.data.len(),
+                "policy set activated"
+            );
+            engine.publish(snapshot);
+            status.last_error.store(None);
+            status.last_success.store(Some(Arc::new(SystemTime::now())));
+            Ok(())
+        }
+        Err(error) => {
+            let rendered = error.render();
+            tracing::error!(target: "arbiter::policy", "policy set refused:\n{rendered}");
+            status.last_error.store(Some(Arc::new(error.to_string())));
+            Err(error)
+        }
+    }
+}
+
+/// Polls the watched files every `interval` until `stop` changes, reloading
+/// on every change.
+pub async fn watch_files(
+    engine: Arc<Engine>,
+    sources: Sources,
+    options: LoadOptions,
+    interval: Duration,
+    metrics: Arc<ReloadMetrics>,
+    status: Arc<LoadStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let paths = sources.watched_paths();
+    if paths.is_empty() {
+        return;
+    }
+    let mut last = {
+        let paths = paths.clone();
+        tokio::task::spawn_blocking(move || Fingerprint::of(&paths))
+            .await
+            .unwrap_or_default()
+    };
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let paths_now = paths.clone();
+        let Ok(current) = tokio::task::spawn_blocking(move || Fingerprint::of(&paths_now)).await
+        else {
+            continue;
+        };
+        if current == last {
+            continue;
+        }
+        last = current;
+        let engine = engine.clone();
+        let sources = sources.clone();
+        let metrics = metrics.clone();
+        let status = status.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let outcome = load_and_publish(&engine, &sources, options, &metrics, &status);
+            match &outcome {
+                Ok(_) => metrics.reloads.increment(1),
+                Err(_) => metrics.reload_failures.increment(1),
+            }
+            outcome.is_ok()
+        })
+        .await;
+        if !matches!(outcome, Ok(true)) {
+            tracing::warn!("keeping the last good policy set");
+        }
+    }
+}

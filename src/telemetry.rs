@@ -1,0 +1,122 @@
+//! Logging and metrics set-up, and the metric handles of the decision path.
+//! Handles are registered once at start, so recording a decision is a few
+//! atomic operations and no registry lookup.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::engine::Decision;
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns the handle
+/// that renders `/metrics`; `None` when another recorder was installed first.
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_duration_seconds".into()),
+                    &[
+                        0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5,
+                        0.001, 0.002_5, 0.005, 0.01, 0.05, 0.1,
+                    ],
+                )
+                .ok()?;
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+fn describe() {
+    metrics::describe_counter!("arbiter_decisions_total", "Decisions made, by outcome");
+    metrics::describe_histogram!(
+        "arbiter_decision_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to evaluate one decision"
+    );
+    metrics::describe_gauge!("arbiter_policies_loaded", "Policies in the active set");
+    metrics::describe_gauge!("arbiter_entities_loaded", "Entities in the active store");
+    metrics::describe_counter!("arbiter_policy_reloads_total", "Successful policy reloads");
+    metrics::describe_counter!(
+        "arbiter_policy_reload_failures_total",
+        "Reloads refused because the new files were invalid"
+    );
+}
+
+/// Handles for the metrics every decision touches.
+#[derive(Debug)]
+pub struct DecisionMetrics {
+    allowed: Counter,
+    denied: Counter,
+    rejected: Counter,
+    duration: Histogram,
+}
+
+impl DecisionMetrics {
+    pub fn register() -> Self {
+        DecisionMetrics {
+            allowed: metrics::counter!("arbiter_decisions_total", "outcome" => "allow"),
+            denied: metrics::counter!("arbiter_decisions_total", "outcome" => "deny"),
+            rejected: metrics::counter!("arbiter_decisions_total", "outcome" => "invalid_request"),
+            duration: metrics::histogram!("arbiter_decision_duration_seconds"),
+        }
+    }
+
+    pub fn record(&self, decision: &Decision) {
+        if decision.allowed {
+            self.allowed.increment(1);
+        } else {
+            self.denied.increment(1);
+        }
+        self.duration.record(decision.elapsed.as_secs_f64());
+    }
+
+    pub fn record_rejected(&self) {
+        self.rejected.increment(1);
+    }
+}
+
+/// Handles for the state of the loaded policy set.
+#[derive(Debug)]
+pub struct ReloadMetrics {
+    pub policies_loaded: Gauge,
+    pub entities_loaded: Gauge,
+    pub reloads: Counter,
+    pub reload_failures: Counter,
+}
+
+impl ReloadMetrics {
+    pub fn register() -> Self {
+        ReloadMetrics {
+            policies_loaded: metrics::gauge!("arbiter_policies_loaded"),
+            entities_loaded: metrics::gauge!("arbiter_entities_loaded"),
+            reloads: metrics::counter!("arbiter_policy_reloads_total"),
+            reload_failures: metrics::counter!("arbiter_policy_reload_failures_total"),
+        }
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` (or `ARBITER_LOG`) selects levels, `info` by default.
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("ARBITER_LOG")
+        .ok()
+        .and_then(|spec| EnvFilter::try_new(spec).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
