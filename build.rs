@@ -39,7 +39,11 @@ fn embed_policies(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let mut code = String::from("pub const FILES: &[(&str, &str)] = &[\n");
     for (relative, absolute) in files {
         println!("cargo:rerun-if-changed={}", absolute.display());
-        writeln!(code, "    ({relative:?}, include_str!({:?})),", absolute.display().to_string())?;
+        writeln!(
+            code,
+            "    ({relative:?}, include_str!({:?})),",
+            absolute.display().to_string()
+        )?;
     }
     code.push_str("];\n");
     std::fs::write(out_dir.join("embedded_policies.rs"), code)?;

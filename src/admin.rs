@@ -77,8 +77,5 @@ async fn metrics() -> impl IntoResponse {
     let body = crate::telemetry::prometheus()
         .map(|handle| handle.render())
         .unwrap_or_default();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

@@ -123,9 +123,7 @@ impl Server {
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .map_err(|error| {
-                ServeError::InitialLoad(LoadError::one("<reflection>", error))
-            })?;
+            .map_err(|error| ServeError::InitialLoad(LoadError::one("<reflection>", error)))?;
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let grpc_stop = wait_for_stop(stop_rx.clone());
@@ -148,7 +146,12 @@ impl Server {
             wait_for_stop(stop_rx.clone()),
         ));
 
-        // First load, off the async workers: files may be large or slow.
+        // First load, off the async workers: files may be large or slow. The
+        // watcher's baseline is taken first, so no edit falls in between.
+        let baseline = {
+            let paths = config.sources.watched_paths();
+            tokio::task::spawn_blocking(move || reload::Fingerprint::of(&paths)).await?
+        };
         let initial = {
             let engine = engine.clone();
             let sources = config.sources.clone();
@@ -166,9 +169,16 @@ impl Server {
         };
         match loaded {
             Some(Err(error)) => {
+                end_health_watches(health_reporter).await;
                 let _ = stop_tx.send(true);
-                let _ = grpc_server.await;
-                let _ = admin_server.await;
+                let stopped = tokio::time::timeout(config.shutdown_grace, async {
+                    let _ = grpc_server.await;
+                    let _ = admin_server.await;
+                })
+                .await;
+                if stopped.is_err() {
+                    tracing::warn!("listeners did not close within the grace period");
+                }
                 return Err(ServeError::InitialLoad(error));
             }
             Some(Ok(())) => {
@@ -180,6 +190,7 @@ impl Server {
                     if config.sources.is_embedded() { " on the embedded default policy set" } else { "" }
                 );
                 let watcher = tokio::spawn(reload::watch_files(
+                    baseline,
                     engine.clone(),
                     config.sources.clone(),
                     config.load,
@@ -197,6 +208,9 @@ impl Server {
         tracing::info!("shutting down: draining in-flight calls");
         serving.store(false, Ordering::Release);
         set_health(&health_reporter, ServingStatus::NotServing).await;
+        // Watchers (kubelet, Envoy) have now seen NOT_SERVING; end their
+        // streams so open health watches do not hold the drain open.
+        end_health_watches(health_reporter).await;
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(config.shutdown_grace, async {
             let grpc = grpc_server.await;
@@ -221,6 +235,13 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
     reporter
         .set_service_status("arbiter.v1.Authorizer", status)
         .await;
+}
+
+/// Ends every open health `Watch` stream (after they were told NOT_SERVING).
+async fn end_health_watches(mut reporter: tonic_health::server::HealthReporter) {
+    tokio::task::yield_now().await;
+    reporter.clear_service_status("").await;
+    reporter.clear_service_status("arbiter.v1.Authorizer").await;
 }
 
 async fn wait_for_stop(mut stop: watch::Receiver<bool>) {

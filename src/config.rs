@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::app::ServeConfig;
-use crate::engine::{LoadOptions, Sources};
+use crate::engine::loader::DEFAULT_DECISION_CACHE_CAPACITY;
+use crate::engine::{LoadOptions, OnEvaluationError, Sources};
 
 /// The flags of `arbiter serve`. Each also reads `ARBITER_<NAME>`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -39,6 +40,15 @@ pub struct ServeArgs {
     /// Do not validate requests against the schema.
     #[arg(long, env = "ARBITER_NO_REQUEST_VALIDATION")]
     pub no_request_validation: bool,
+    /// What a policy evaluation error does: `deny` (fail closed, the
+    /// default) or `skip-policy` (Cedar's semantics: the erroring policy is
+    /// ignored and the others decide).
+    #[arg(long, env = "ARBITER_ON_EVALUATION_ERROR", value_name = "MODE")]
+    pub on_evaluation_error: Option<OnEvaluationError>,
+    /// Decisions remembered per policy/data snapshot; 0 turns the cache off
+    /// [default: 65536]. A new snapshot always starts with an empty cache.
+    #[arg(long, env = "ARBITER_DECISION_CACHE_SIZE", value_name = "N")]
+    pub decision_cache_size: Option<u64>,
     /// How often watched files are checked for changes, in milliseconds [default: 250].
     #[arg(long, env = "ARBITER_RELOAD_INTERVAL_MS", value_name = "MS")]
     pub reload_interval_ms: Option<u64>,
@@ -58,6 +68,8 @@ pub struct ConfigFile {
     pub admin_listen: Option<SocketAddr>,
     pub no_validate: Option<bool>,
     pub no_request_validation: Option<bool>,
+    pub on_evaluation_error: Option<String>,
+    pub decision_cache_size: Option<u64>,
     pub reload_interval_ms: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
 }
@@ -71,6 +83,8 @@ pub enum ConfigError {
     },
     #[error("invalid config file `{path}`: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("invalid `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
     #[error("`{key}` must be greater than zero")]
     Zero { key: &'static str },
 }
@@ -97,10 +111,8 @@ impl ServeArgs {
                 // Paths in the file are relative to the file.
                 let base = path.parent().unwrap_or(Path::new("."));
                 for p in [&mut file.policies, &mut file.schema, &mut file.entities] {
-                    if let Some(path) = p.as_mut() {
-                        if path.is_relative() {
-                            *path = base.join(&*path);
-                        }
+                    if let Some(path) = p.as_mut().filter(|path| path.is_relative()) {
+                        *path = base.join(&*path);
                     }
                 }
                 file
@@ -108,6 +120,14 @@ impl ServeArgs {
             None => ConfigFile::default(),
         };
         let defaults = ServeConfig::default();
+        let on_evaluation_error = match (self.on_evaluation_error, &file.on_evaluation_error) {
+            (Some(mode), _) => mode,
+            (None, Some(text)) => text.parse().map_err(|message| ConfigError::Invalid {
+                key: "on_evaluation_error",
+                message,
+            })?,
+            (None, None) => OnEvaluationError::default(),
+        };
         let reload_ms = self.reload_interval_ms.or(file.reload_interval_ms);
         if reload_ms == Some(0) {
             return Err(ConfigError::Zero {
@@ -124,6 +144,11 @@ impl ServeArgs {
                 validate_policies: !(self.no_validate || file.no_validate.unwrap_or(false)),
                 validate_requests: !(self.no_request_validation
                     || file.no_request_validation.unwrap_or(false)),
+                on_evaluation_error,
+                decision_cache_capacity: self
+                    .decision_cache_size
+                    .or(file.decision_cache_size)
+                    .unwrap_or(DEFAULT_DECISION_CACHE_CAPACITY),
             },
             listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
             admin_listen: self

@@ -2,12 +2,16 @@
 
 use std::process::ExitCode;
 
-use arbiter::cli::{self, check::CheckArgs, SourceArgs};
+use arbiter::cli::{self, SourceArgs, check::CheckArgs};
 use arbiter::config::ServeArgs;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "arbiter", version, about = "Cedar policy decision point sidecar")]
+#[command(
+    name = "arbiter",
+    version,
+    about = "Cedar policy decision point sidecar"
+)]
 struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true, env = "ARBITER_LOG_JSON")]
@@ -24,6 +28,10 @@ enum Command {
     Validate(SourceArgs),
     /// Answer one request locally, without a server.
     Check(CheckArgs),
+    /// Run decision fixtures (JSON test cases) against the policies.
+    Test(cli::test::TestArgs),
+    /// Format `.cedar` policy files.
+    Fmt(cli::fmt::FmtArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,7 +39,13 @@ fn main() -> ExitCode {
     arbiter::telemetry::init_logging(cli.log_json);
     let code = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => match tokio::runtime::Runtime::new() {
-            Ok(runtime) => runtime.block_on(cli::serve::run(&args)),
+            Ok(runtime) => {
+                let code = runtime.block_on(cli::serve::run(&args));
+                // A reload blocked on a slow file system must not hold the
+                // process open after the drain.
+                runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+                code
+            }
             Err(error) => {
                 eprintln!("error: cannot start the async runtime: {error}");
                 cli::exit::FAILURE
@@ -39,6 +53,8 @@ fn main() -> ExitCode {
         },
         Command::Validate(args) => cli::validate::run(&args),
         Command::Check(args) => cli::check::run(&args),
+        Command::Test(args) => cli::test::run(&args),
+        Command::Fmt(args) => cli::fmt::run(&args),
     };
     ExitCode::from(code)
 }

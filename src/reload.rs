@@ -50,6 +50,16 @@ impl Fingerprint {
 
 fn stamp(path: &Path) -> Option<FileStamp> {
     let metadata = std::fs::metadata(path).ok()?;
+    if !metadata.is_file() {
+        // A pipe or device changes its timestamps on every write; only its
+        // identity counts.
+        return Some(FileStamp {
+            path: path.to_path_buf(),
+            len: 0,
+            modified: None,
+            inode: 0,
+        });
+    }
     #[cfg(unix)]
     let inode = std::os::unix::fs::MetadataExt::ino(&metadata);
     #[cfg(not(unix))]
@@ -131,7 +141,11 @@ pub fn load_and_publish(
 
 /// Polls the watched files every `interval` until `stop` changes, reloading
 /// on every change.
+/// `baseline` is the fingerprint taken before the snapshot now serving was
+/// read, so an edit made while it loaded is not missed.
+#[allow(clippy::too_many_arguments)]
 pub async fn watch_files(
+    baseline: Fingerprint,
     engine: Arc<Engine>,
     sources: Sources,
     options: LoadOptions,
@@ -144,12 +158,7 @@ pub async fn watch_files(
     if paths.is_empty() {
         return;
     }
-    let mut last = {
-        let paths = paths.clone();
-        tokio::task::spawn_blocking(move || Fingerprint::of(&paths))
-            .await
-            .unwrap_or_default()
-    };
+    let mut last = baseline;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -41,6 +41,10 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time to evaluate one decision"
     );
+    metrics::describe_counter!(
+        "arbiter_decision_cache_hits_total",
+        "Decisions answered from the per-snapshot decision cache"
+    );
     metrics::describe_gauge!("arbiter_policies_loaded", "Policies in the active set");
     metrics::describe_gauge!("arbiter_entities_loaded", "Entities in the active store");
     metrics::describe_counter!("arbiter_policy_reloads_total", "Successful policy reloads");
@@ -56,6 +60,7 @@ pub struct DecisionMetrics {
     allowed: Counter,
     denied: Counter,
     rejected: Counter,
+    cache_hits: Counter,
     duration: Histogram,
 }
 
@@ -65,6 +70,7 @@ impl DecisionMetrics {
             allowed: metrics::counter!("arbiter_decisions_total", "outcome" => "allow"),
             denied: metrics::counter!("arbiter_decisions_total", "outcome" => "deny"),
             rejected: metrics::counter!("arbiter_decisions_total", "outcome" => "invalid_request"),
+            cache_hits: metrics::counter!("arbiter_decision_cache_hits_total"),
             duration: metrics::histogram!("arbiter_decision_duration_seconds"),
         }
     }
@@ -74,6 +80,9 @@ impl DecisionMetrics {
             self.allowed.increment(1);
         } else {
             self.denied.increment(1);
+        }
+        if decision.cached {
+            self.cache_hits.increment(1);
         }
         self.duration.record(decision.elapsed.as_secs_f64());
     }
@@ -113,7 +122,8 @@ pub fn init_logging(json: bool) {
         .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = if json {
         builder.json().try_init()
     } else {

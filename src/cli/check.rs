@@ -89,7 +89,11 @@ pub fn run(args: &CheckArgs) -> u8 {
             for error in &decision.errors {
                 println!("error in {}: {}", error.policy_id, error.message);
             }
-            if decision.allowed { exit::OK } else { exit::DENY }
+            if decision.allowed {
+                exit::OK
+            } else {
+                exit::DENY
+            }
         }
         Err(error) => {
             eprintln!("error: {error}");

@@ -3,7 +3,9 @@
 //! [`crate::engine::loader`], exactly as the server does.
 
 pub mod check;
+pub mod fmt;
 pub mod serve;
+pub mod test;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -54,6 +56,9 @@ impl SourceArgs {
         crate::engine::LoadOptions {
             validate_policies: !self.no_validate,
             validate_requests: true,
+            on_evaluation_error: crate::engine::OnEvaluationError::Deny,
+            // One-shot commands gain nothing from remembering answers.
+            decision_cache_capacity: 0,
         }
     }
 }

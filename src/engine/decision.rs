@@ -19,6 +19,8 @@ pub struct Decision {
     pub data_revision: Arc<str>,
     /// Time spent evaluating (parsing included), for metrics and logs.
     pub elapsed: Duration,
+    /// Answered from the snapshot's decision cache.
+    pub cached: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -58,6 +58,39 @@ pub struct LoadOptions {
     pub validate_policies: bool,
     /// Validate every request against the schema.
     pub validate_requests: bool,
+    /// What a policy evaluation error does to the decision.
+    pub on_evaluation_error: OnEvaluationError,
+    /// Decisions remembered per snapshot (0 turns the cache off).
+    pub decision_cache_capacity: u64,
+}
+
+/// The default size of the per-snapshot decision cache.
+pub const DEFAULT_DECISION_CACHE_CAPACITY: u64 = 65_536;
+
+/// What a policy that errors during evaluation does to a decision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnEvaluationError {
+    /// Fail closed: any evaluation error makes the decision deny, even when
+    /// another permit was satisfied. The default.
+    #[default]
+    Deny,
+    /// Cedar's own semantics: the erroring policy is skipped and the others
+    /// decide. An erroring forbid then no longer blocks a satisfied permit.
+    SkipPolicy,
+}
+
+impl std::str::FromStr for OnEvaluationError {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "deny" => Ok(OnEvaluationError::Deny),
+            "skip-policy" => Ok(OnEvaluationError::SkipPolicy),
+            other => Err(format!(
+                "`{other}` is not an evaluation error mode; expected `deny` or `skip-policy`"
+            )),
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -65,6 +98,8 @@ impl Default for LoadOptions {
         LoadOptions {
             validate_policies: true,
             validate_requests: true,
+            on_evaluation_error: OnEvaluationError::Deny,
+            decision_cache_capacity: DEFAULT_DECISION_CACHE_CAPACITY,
         }
     }
 }
@@ -106,7 +141,15 @@ pub fn read_inputs(sources: &Sources) -> Result<Inputs, LoadError> {
         return Ok(embedded_inputs());
     }
     let (policy_files, single_file) = match &sources.policies {
-        None => (Vec::new(), false),
+        // A schema or entities file without policies is a configuration
+        // mistake: serving it would deny everything without a word.
+        None => {
+            return Err(LoadError::one(
+                "<configuration>",
+                "no policies configured: give `--policies` (or no source flags at all \
+                 for the embedded example)",
+            ));
+        }
         Some(path) if path.is_dir() => (read_policy_dir(path)?, false),
         Some(path) => (vec![read_file(path)?], true),
     };
@@ -120,13 +163,17 @@ pub fn read_inputs(sources: &Sources) -> Result<Inputs, LoadError> {
     })
 }
 
+/// Diagnostics name embedded files `<embedded>/rbac.cedar`; policy ids do
+/// not carry the prefix, so ids match those of the same files on disk.
+const EMBEDDED_PREFIX: &str = "<embedded>/";
+
 fn embedded_inputs() -> Inputs {
     let mut policy_files = Vec::new();
     let mut schema = None;
     let mut entities = None;
     for (name, text) in embedded::FILES {
         let file = SourceFile {
-            name: format!("<embedded>/{name}"),
+            name: format!("{EMBEDDED_PREFIX}{name}"),
             text: Arc::from(*text),
         };
         if name.ends_with(".cedar") {
@@ -163,11 +210,17 @@ fn read_policy_dir(root: &Path) -> Result<Vec<SourceFile>, LoadError> {
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
         let entries = std::fs::read_dir(&dir).map_err(|error| {
-            LoadError::one(dir.display().to_string(), format!("cannot read directory: {error}"))
+            LoadError::one(
+                dir.display().to_string(),
+                format!("cannot read directory: {error}"),
+            )
         })?;
         for entry in entries {
             let entry = entry.map_err(|error| {
-                LoadError::one(dir.display().to_string(), format!("cannot read directory: {error}"))
+                LoadError::one(
+                    dir.display().to_string(),
+                    format!("cannot read directory: {error}"),
+                )
             })?;
             let path = entry.path();
             let name = entry.file_name();
@@ -234,7 +287,9 @@ pub fn build(inputs: &Inputs, options: LoadOptions) -> Result<(Snapshot, LoadRep
         let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
         let locate = |id: &PolicyId| origins.get(id.to_string().as_str());
         for warning in result.validation_warnings() {
-            report.warnings.push(policy_diagnostic(locate(warning.policy_id()), warning));
+            report
+                .warnings
+                .push(policy_diagnostic(locate(warning.policy_id()), warning));
         }
         if options.validate_policies {
             for error in result.validation_errors() {
@@ -262,18 +317,14 @@ pub fn build(inputs: &Inputs, options: LoadOptions) -> Result<(Snapshot, LoadRep
             .map(|file| (file.name.as_str(), &*file.text)),
     );
 
-    let policy_snapshot = PolicySnapshot::new(
-        policies,
-        schema,
-        policy_revision,
-        options.validate_requests,
-    );
+    let policy_snapshot = PolicySnapshot::new(policies, schema, policy_revision, options);
     let entity_data = EntityData::new(entities, data_revision);
     Ok((
-        Snapshot {
-            policies: Arc::new(policy_snapshot),
-            data: Arc::new(entity_data),
-        },
+        Snapshot::new(
+            Arc::new(policy_snapshot),
+            Arc::new(entity_data),
+            options.decision_cache_capacity,
+        ),
         report,
     ))
 }
@@ -300,14 +351,21 @@ fn assemble_policies(inputs: &Inputs) -> Result<(PolicySet, Origins<'_>), Vec<Lo
             if inputs.single_file {
                 id.to_string()
             } else {
-                format!("{}#{id}", file.name)
+                let name = file
+                    .name
+                    .strip_prefix(EMBEDDED_PREFIX)
+                    .unwrap_or(&file.name);
+                format!("{name}#{id}")
             }
         };
         let mut add_id = |id: String, diagnostics: &mut Vec<LoadDiagnostic>| -> Option<PolicyId> {
             if let Some(previous) = origins.get(&id) {
                 diagnostics.push(LoadDiagnostic::plain(
                     &file.name,
-                    format!("duplicate policy id `{id}` (also used in {})", previous.name),
+                    format!(
+                        "duplicate policy id `{id}` (also used in {})",
+                        previous.name
+                    ),
                 ));
                 return None;
             }
@@ -391,7 +449,11 @@ fn revision<'a>(parts: impl Iterator<Item = (&'a str, &'a str)>) -> Arc<str> {
         hasher.update(text.as_bytes());
     }
     let digest = hasher.finalize();
-    let hex: String = digest.iter().take(8).map(|byte| format!("{byte:02x}")).collect();
+    let hex: String = digest
+        .iter()
+        .take(8)
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
     Arc::from(hex)
 }
 

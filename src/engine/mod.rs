@@ -7,6 +7,7 @@
 //! is carried in the [`Decision`] and can only lead to deny.
 
 mod decision;
+mod decision_cache;
 mod error;
 pub mod loader;
 mod snapshot;
@@ -22,7 +23,7 @@ use cedar_policy::{
 
 pub use decision::{Decision, PolicyEvaluationError};
 pub use error::{LoadDiagnostic, LoadError, RequestError, RequestField};
-pub use loader::{LoadOptions, LoadReport, Sources};
+pub use loader::{LoadOptions, LoadReport, OnEvaluationError, Sources};
 pub use snapshot::{EntityData, PolicySnapshot, Snapshot};
 
 use snapshot::collect_uids;
@@ -84,9 +85,7 @@ impl Engine {
         inputs: &[CheckInput<'_>],
     ) -> Result<Vec<Decision>, (usize, RequestError)> {
         let guard = self.current.load();
-        let snapshot = guard
-            .as_deref()
-            .ok_or((0, RequestError::NotReady))?;
+        let snapshot = guard.as_deref().ok_or((0, RequestError::NotReady))?;
         inputs
             .iter()
             .enumerate()
@@ -104,6 +103,24 @@ impl Engine {
         input: &CheckInput<'_>,
     ) -> Result<Decision, RequestError> {
         let started = Instant::now();
+        let cache_key = snapshot
+            .decisions
+            .as_ref()
+            .and_then(|_| decision_cache::DecisionCache::key(input));
+        if let (Some(cache), Some(key)) = (&snapshot.decisions, &cache_key) {
+            if let Some(hit) = cache.get(key) {
+                return Ok(Decision {
+                    allowed: hit.allowed,
+                    reasons: hit.reasons.clone(),
+                    errors: hit.errors.clone(),
+                    decision_id: uuid::Uuid::now_v7().to_string(),
+                    policy_revision: snapshot.policies.revision.clone(),
+                    data_revision: snapshot.data.revision.clone(),
+                    elapsed: started.elapsed(),
+                    cached: true,
+                });
+            }
+        }
         let policies = &*snapshot.policies;
         let schema = policies.schema.as_ref();
 
@@ -124,48 +141,58 @@ impl Engine {
             }
             Some(value)
         };
+        if policies.validate_requests
+            && schema.is_some()
+            && !policies.declared_actions.contains(&action)
+        {
+            return Err(RequestError::invalid(
+                RequestField::Action,
+                format!("action `{action}` is not declared in the schema"),
+            ));
+        }
         let has_overlay = !input.entities_json.trim().is_empty();
-        let context = parse_context(context_value.as_ref(), schema, &action, policies.validate_requests)?;
-        // Entities named in the context are roots of the overlay's slice.
-        let mut context_uids = Vec::new();
-        if has_overlay {
-            if let Some(serde_json::Value::Object(fields)) = &context_value {
-                for key in fields.keys() {
-                    if let Some(value) = context.get(key) {
-                        collect_uids(&value, &mut context_uids);
-                    }
+        let context_keys: Vec<String> = match (&context_value, has_overlay) {
+            (Some(serde_json::Value::Object(fields)), true) => fields.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        let context = parse_context(context_value, schema, &action, policies.validate_requests)?;
+        // The roots of the overlay's slice: the request's entities, those
+        // named in the context, and those named literally in policies.
+        let roots = if has_overlay {
+            let mut roots = vec![principal.clone(), action.clone(), resource.clone()];
+            for key in &context_keys {
+                if let Some(value) = context.get(key) {
+                    collect_uids(&value, &mut roots);
                 }
             }
-        }
-
-        let request_schema = if policies.validate_requests { schema } else { None };
-        let request = Request::new(
-            principal.clone(),
-            action.clone(),
-            resource.clone(),
-            context,
-            request_schema,
-        )
-        .map_err(|error| RequestError::invalid(RequestField::Request, error))?;
-
-        let response = if !has_overlay {
-            self.authorizer
-                .is_authorized(&request, &policies.policies, &snapshot.data.entities)
-        } else {
-            let overlay = parse_overlay(input.entities_json, schema)?;
-            let mut roots = vec![principal, action, resource];
-            roots.append(&mut context_uids);
             roots.extend(policies.literal_uids.iter().cloned());
+            roots
+        } else {
+            Vec::new()
+        };
+
+        let request_schema = if policies.validate_requests {
+            schema
+        } else {
+            None
+        };
+        let request = Request::new(principal, action, resource, context, request_schema)
+            .map_err(|error| RequestError::invalid(request_error_field(&error), error))?;
+
+        let response = if has_overlay {
+            let overlay = parse_overlay(input.entities_json, schema)?;
             let slice = snapshot.data.slice_with_overlay(roots, &overlay);
             let entities = Entities::from_entities(slice, None)
                 .map_err(|error| RequestError::invalid(RequestField::Entities, error))?;
             self.authorizer
                 .is_authorized(&request, &policies.policies, &entities)
+        } else {
+            self.authorizer
+                .is_authorized(&request, &policies.policies, &snapshot.data.entities)
         };
 
         let diagnostics = response.diagnostics();
-        let reasons = diagnostics.reason().map(ToString::to_string).collect();
-        let errors = diagnostics
+        let errors: Vec<PolicyEvaluationError> = diagnostics
             .errors()
             .map(|error| match error {
                 cedar_policy::AuthorizationError::PolicyEvaluationError(error) => {
@@ -176,14 +203,38 @@ impl Engine {
                 }
             })
             .collect();
+        let cedar_allowed = response.decision() == CedarDecision::Allow;
+        // Fail closed: an allow reached while some policy errored is not
+        // trusted, since the erroring policy may have been a forbid.
+        let fail_closed =
+            !errors.is_empty() && policies.on_evaluation_error == OnEvaluationError::Deny;
+        let (allowed, reasons) = if cedar_allowed && fail_closed {
+            (false, Vec::new())
+        } else {
+            (
+                cedar_allowed,
+                diagnostics.reason().map(ToString::to_string).collect(),
+            )
+        };
+        if let (Some(cache), Some(key)) = (&snapshot.decisions, cache_key) {
+            cache.insert(
+                key,
+                decision_cache::CachedOutcome {
+                    allowed,
+                    reasons: reasons.clone(),
+                    errors: errors.clone(),
+                },
+            );
+        }
         Ok(Decision {
-            allowed: response.decision() == CedarDecision::Allow,
+            allowed,
             reasons,
             errors,
             decision_id: uuid::Uuid::now_v7().to_string(),
             policy_revision: policies.revision.clone(),
             data_revision: snapshot.data.revision.clone(),
             elapsed: started.elapsed(),
+            cached: false,
         })
     }
 }
@@ -205,8 +256,20 @@ fn parse_uid(input: Option<UidInput<'_>>, field: RequestField) -> Result<EntityU
     ))
 }
 
+/// The request field a schema validation error is about.
+fn request_error_field(error: &cedar_policy::RequestValidationError) -> RequestField {
+    use cedar_policy::RequestValidationError as E;
+    match error {
+        E::UndeclaredAction(_) | E::ExternalAction(_) => RequestField::Action,
+        E::UndeclaredPrincipalType(_) | E::InvalidPrincipalType(_) => RequestField::Principal,
+        E::UndeclaredResourceType(_) | E::InvalidResourceType(_) => RequestField::Resource,
+        E::InvalidContext(_) | E::TypeOfContext(_) => RequestField::Context,
+        _ => RequestField::Request,
+    }
+}
+
 fn parse_context(
-    value: Option<&serde_json::Value>,
+    value: Option<serde_json::Value>,
     schema: Option<&Schema>,
     action: &EntityUid,
     validate_requests: bool,
@@ -217,16 +280,18 @@ fn parse_context(
     // With a schema the context is parsed against the action's context type,
     // so `"10.0.0.1"` becomes an `ipaddr` where the schema says so.
     match (schema, validate_requests) {
-        (Some(schema), true) => Context::from_json_value(value.clone(), Some((schema, action)))
+        (Some(schema), true) => Context::from_json_value(value, Some((schema, action)))
             .map_err(|error| RequestError::invalid(RequestField::Context, error)),
         (Some(schema), false) => {
             // Unvalidated requests may name actions the schema lacks: fall
             // back to schema-less parsing rather than refusing them.
-            Context::from_json_value(value.clone(), Some((schema, action)))
-                .or_else(|_| Context::from_json_value(value.clone(), None))
-                .map_err(|error| RequestError::invalid(RequestField::Context, error))
+            match Context::from_json_value(value.clone(), Some((schema, action))) {
+                Ok(context) => Ok(context),
+                Err(_) => Context::from_json_value(value, None)
+                    .map_err(|error| RequestError::invalid(RequestField::Context, error)),
+            }
         }
-        (None, _) => Context::from_json_value(value.clone(), None)
+        (None, _) => Context::from_json_value(value, None)
             .map_err(|error| RequestError::invalid(RequestField::Context, error)),
     }
 }

@@ -5,14 +5,33 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use super::decision_cache::DecisionCache;
+use super::loader::{LoadOptions, OnEvaluationError};
 use cedar_policy::{Entities, Entity, EntityUid, EvalResult, PolicySet, Schema};
 
 /// Everything one decision needs, swapped as one unit so that a request sees
 /// the whole old state or the whole new state, never a mix.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Snapshot {
     pub policies: Arc<PolicySnapshot>,
     pub data: Arc<EntityData>,
+    /// Answers already given from exactly this state; born empty with it.
+    pub(crate) decisions: Option<DecisionCache>,
+}
+
+impl Snapshot {
+    /// `decision_cache_capacity` decisions are remembered (0: none).
+    pub fn new(
+        policies: Arc<PolicySnapshot>,
+        data: Arc<EntityData>,
+        decision_cache_capacity: u64,
+    ) -> Self {
+        Snapshot {
+            policies,
+            data,
+            decisions: DecisionCache::new(decision_cache_capacity),
+        }
+    }
 }
 
 /// A parsed, validated policy set and the schema it was validated against.
@@ -24,10 +43,14 @@ pub struct PolicySnapshot {
     pub revision: Arc<str>,
     /// Validate requests against the schema (when there is one).
     pub validate_requests: bool,
+    pub on_evaluation_error: OnEvaluationError,
     /// Entities named literally in some policy: a request-scoped slice of the
     /// store must contain them, since a policy can reach them without going
     /// through the request.
     pub(crate) literal_uids: Box<[EntityUid]>,
+    /// The actions the schema declares, to name an unknown action as such
+    /// before its context is parsed against the schema.
+    pub(crate) declared_actions: HashSet<EntityUid>,
 }
 
 impl PolicySnapshot {
@@ -35,17 +58,22 @@ impl PolicySnapshot {
         policies: PolicySet,
         schema: Option<Schema>,
         revision: Arc<str>,
-        validate_requests: bool,
+        options: LoadOptions,
     ) -> Self {
         let mut literals: HashSet<EntityUid> = HashSet::new();
         for policy in policies.policies() {
             literals.extend(policy.entity_literals());
         }
         PolicySnapshot {
+            declared_actions: schema
+                .as_ref()
+                .map(|schema| schema.actions().cloned().collect())
+                .unwrap_or_default(),
             policies,
             schema,
             revision,
-            validate_requests,
+            validate_requests: options.validate_requests,
+            on_evaluation_error: options.on_evaluation_error,
             literal_uids: literals.into_iter().collect(),
         }
     }
@@ -139,7 +167,12 @@ impl EntityData {
                 slice.push(entity.clone());
             } else if let Some(entity) = self.entities.get(&uid) {
                 if let Some(references) = self.references.get(&uid) {
-                    pending.extend(references.iter().filter(|uid| !seen.contains(*uid)).cloned());
+                    pending.extend(
+                        references
+                            .iter()
+                            .filter(|uid| !seen.contains(*uid))
+                            .cloned(),
+                    );
                 }
                 slice.push(entity.clone());
             }

@@ -1,0 +1,330 @@
+//! The `arbiter` binary end to end: exit codes and messages of `validate`,
+//! `test`, `fmt` and `check`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const UNFORMATTED: &str = "permit(principal,action,resource) when {   principal == resource};\n";
+
+fn arbiter(args: &[&str]) -> Output {
+    arbiter_in(Path::new(env!("CARGO_MANIFEST_DIR")), args)
+}
+
+fn arbiter_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("ARBITER_LOG_JSON")
+        .output()
+        .expect("the arbiter binary runs")
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().expect("exited with a code")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        output.status.code(),
+        stdout(output),
+        stderr(output)
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write a test file");
+    path
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+// ---- validate -------------------------------------------------------------
+
+#[test]
+fn validate_accepts_the_embedded_default() {
+    let output = arbiter(&["validate"]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    assert!(stdout(&output).starts_with("ok: "), "{}", describe(&output));
+}
+
+#[test]
+fn validate_locates_a_syntax_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write(
+        dir.path(),
+        "file.cedar",
+        "permit(principal, action, resource);\n\npermit(principal action, resource);\n",
+    );
+    let output = arbiter(&["validate", "--policies", s(&policy)]);
+    assert_eq!(code(&output), 3, "{}", describe(&output));
+    assert!(
+        stderr(&output).contains("file.cedar:3:18"),
+        "{}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn validate_locates_a_strict_validation_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = write(
+        dir.path(),
+        "schema.cedarschema",
+        "entity User = { name: String };\n\
+         entity Doc;\n\
+         action view appliesTo { principal: User, resource: Doc };\n",
+    );
+    let policy = write(
+        dir.path(),
+        "strict.cedar",
+        "// reads an attribute the schema does not declare\n\
+         permit(principal, action == Action::\"view\", resource)\n\
+         when { principal.nickname == \"x\" };\n",
+    );
+    let output = arbiter(&["validate", "--policies", s(&policy), "--schema", s(&schema)]);
+    assert_eq!(code(&output), 3, "{}", describe(&output));
+    assert!(
+        stderr(&output).contains("strict.cedar:3:"),
+        "{}",
+        describe(&output)
+    );
+
+    // The same policy is fine without strict validation.
+    let output = arbiter(&[
+        "validate",
+        "--policies",
+        s(&policy),
+        "--schema",
+        s(&schema),
+        "--no-validate",
+    ]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+}
+
+// ---- test -----------------------------------------------------------------
+
+#[test]
+fn test_runs_the_fixtures_next_to_the_embedded_default() {
+    let output = arbiter(&["test"]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    let out = stdout(&output);
+    let last = out.lines().last().unwrap_or_default();
+    let (passed, failed) = last.split_once(" passed, ").expect("summary line");
+    assert!(passed.parse::<usize>().unwrap() >= 30, "{last}");
+    assert_eq!(failed, "0 failed", "{}", describe(&output));
+    assert!(!out.contains("FAIL"), "{}", describe(&output));
+}
+
+#[test]
+fn test_with_explicit_sources_and_fixtures() {
+    let output = arbiter(&[
+        "test",
+        "--policies",
+        "policies",
+        "--schema",
+        "policies/schema.cedarschema",
+        "--entities",
+        "policies/entities.json",
+        "--tests",
+        "policies/tests/rbac.json",
+    ]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    assert!(
+        stdout(&output).trim_end().ends_with(" passed, 0 failed"),
+        "{}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn test_reports_a_wrong_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    // frank owns acme-sales-pipeline (policies/tests/ownership.json), so this
+    // is really an allow.
+    let fixture = write(
+        dir.path(),
+        "wrong.json",
+        r#"{
+  "description": "a deliberately wrong expectation",
+  "cases": [
+    {
+      "name": "owner write expected to be denied",
+      "principal": {"type": "Saas::User", "id": "frank"},
+      "action": {"type": "Saas::Action", "id": "write"},
+      "resource": {"type": "Saas::Document", "id": "acme-sales-pipeline"},
+      "context": {"mfa": true, "source_ip": "10.1.2.3"},
+      "decision": "deny",
+      "reasons": []
+    }
+  ]
+}"#,
+    );
+    let output = arbiter(&["test", "--tests", s(&fixture)]);
+    assert_eq!(code(&output), 2, "{}", describe(&output));
+    let out = stdout(&output);
+    assert!(
+        out.contains(
+            "wrong.json: owner write expected to be denied: expected deny [], \
+             got allow [owner-full-control-document]"
+        ),
+        "{}",
+        describe(&output)
+    );
+    assert!(out.contains("FAIL "), "{}", describe(&output));
+    assert!(
+        out.trim_end().ends_with("0 passed, 1 failed"),
+        "{}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn test_rejects_a_malformed_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "broken.json",
+        "{\n  \"cases\": [\n    {\"name\": \"x\",,}\n  ]\n}\n",
+    );
+    let output = arbiter(&["test", "--tests", s(dir.path())]);
+    assert_eq!(code(&output), 64, "{}", describe(&output));
+    let err = stderr(&output);
+    assert!(err.contains("broken.json:3:"), "{}", describe(&output));
+}
+
+#[test]
+fn test_without_fixtures_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // No `policies/tests` under this directory.
+    let output = arbiter_in(dir.path(), &["test"]);
+    assert_eq!(code(&output), 64, "{}", describe(&output));
+    assert!(
+        stderr(&output).contains("policies/tests"),
+        "{}",
+        describe(&output)
+    );
+}
+
+// ---- fmt ------------------------------------------------------------------
+
+#[test]
+fn fmt_check_then_rewrite_then_check_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write(dir.path(), "messy.cedar", UNFORMATTED);
+
+    let output = arbiter(&["fmt", "--check", s(dir.path())]);
+    assert_eq!(code(&output), 1, "{}", describe(&output));
+    assert!(
+        stdout(&output).contains("messy.cedar"),
+        "{}",
+        describe(&output)
+    );
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), UNFORMATTED);
+
+    let output = arbiter(&["fmt", s(&policy)]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    assert!(
+        stdout(&output).contains("messy.cedar"),
+        "{}",
+        describe(&output)
+    );
+    let formatted = std::fs::read_to_string(&policy).unwrap();
+    assert_ne!(formatted, UNFORMATTED);
+    assert!(formatted.contains("principal == resource"), "{formatted}");
+
+    let output = arbiter(&["fmt", "--check", s(&policy)]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    assert_eq!(stdout(&output), "", "{}", describe(&output));
+
+    // Formatting an already formatted file writes nothing.
+    let output = arbiter(&["fmt", s(&policy)]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    assert_eq!(stdout(&output), "", "{}", describe(&output));
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), formatted);
+}
+
+#[test]
+fn fmt_reports_a_parse_error_and_leaves_the_file_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "permit(principal,action,resource);\npermit(principal action, resource);\n";
+    let policy = write(dir.path(), "broken.cedar", text);
+    let output = arbiter(&["fmt", s(&policy)]);
+    assert_eq!(code(&output), 3, "{}", describe(&output));
+    assert!(
+        stderr(&output).contains("broken.cedar:2:18"),
+        "{}",
+        describe(&output)
+    );
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), text);
+}
+
+#[test]
+fn fmt_of_a_missing_path_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.cedar");
+    let output = arbiter(&["fmt", s(&missing)]);
+    assert_eq!(code(&output), 64, "{}", describe(&output));
+    assert!(
+        stderr(&output).contains("missing.cedar"),
+        "{}",
+        describe(&output)
+    );
+}
+
+// ---- check ----------------------------------------------------------------
+
+#[test]
+fn check_allow_and_deny_against_the_embedded_default() {
+    // Both from policies/tests/ownership.json.
+    let allow = arbiter(&[
+        "check",
+        "--principal",
+        "Saas::User::\"frank\"",
+        "--action",
+        "Saas::Action::\"write\"",
+        "--resource",
+        "Saas::Document::\"acme-sales-pipeline\"",
+        "--context",
+        r#"{"mfa": true, "source_ip": "10.1.2.3"}"#,
+    ]);
+    assert_eq!(code(&allow), 0, "{}", describe(&allow));
+    assert!(stdout(&allow).starts_with("ALLOW"), "{}", describe(&allow));
+    assert!(
+        stdout(&allow).contains("owner-full-control-document"),
+        "{}",
+        describe(&allow)
+    );
+
+    let deny = arbiter(&[
+        "check",
+        "--principal",
+        "Saas::User::\"frank\"",
+        "--action",
+        "Saas::Action::\"delete\"",
+        "--resource",
+        "Saas::Document::\"acme-sales-pipeline\"",
+        "--context",
+        r#"{"mfa": true, "source_ip": "10.1.2.3"}"#,
+    ]);
+    assert_eq!(code(&deny), 2, "{}", describe(&deny));
+    assert!(stdout(&deny).starts_with("DENY"), "{}", describe(&deny));
+    assert!(
+        stdout(&deny).contains("delete-requires-step-up-auth"),
+        "{}",
+        describe(&deny)
+    );
+}

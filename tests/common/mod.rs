@@ -1,0 +1,164 @@
+//! Test harness: a real Arbiter server on `127.0.0.1:0`, in-process, and a
+//! real gRPC client connected to it over TCP.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use arbiter::app::{ServeConfig, ServeError, Server};
+use arbiter::engine::{LoadOptions, Sources};
+use arbiter::proto::v1::authorizer_client::AuthorizerClient;
+use arbiter::proto::v1::{CheckRequest, EntityUid};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub handle: JoinHandle<Result<(), ServeError>>,
+}
+
+/// A config that listens on free ports and reloads quickly.
+pub fn config(sources: Sources) -> ServeConfig {
+    ServeConfig {
+        sources,
+        load: LoadOptions::default(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        reload_interval: Duration::from_millis(50),
+        shutdown_grace: Duration::from_secs(10),
+    }
+}
+
+pub fn file_sources(dir: &Path) -> Sources {
+    Sources {
+        policies: Some(dir.join("policies.cedar")),
+        schema: Some(dir.join("schema.cedarschema")),
+        entities: Some(dir.join("entities.json")),
+    }
+}
+
+impl TestServer {
+    /// Starts a server and returns once its listeners are bound (it may
+    /// still be loading).
+    pub async fn spawn(config: ServeConfig) -> TestServer {
+        let server = Server::bind(config).await.expect("bind");
+        let addr = server.local_addr().unwrap();
+        let admin = server.admin_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            admin,
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    /// Starts a server and waits until its health says SERVING.
+    pub async fn start(config: ServeConfig) -> TestServer {
+        let server = Self::spawn(config).await;
+        server.wait_for(ServingStatus::Serving).await;
+        server
+    }
+
+    pub async fn start_embedded() -> TestServer {
+        Self::start(config(Sources::default())).await
+    }
+
+    pub async fn client(&self) -> AuthorizerClient<Channel> {
+        AuthorizerClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
+    }
+
+    pub async fn health(&self) -> ServingStatus {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect health");
+        let mut client = HealthClient::new(channel);
+        let response = client
+            .check(HealthCheckRequest {
+                service: "arbiter.v1.Authorizer".into(),
+            })
+            .await
+            .expect("health check");
+        response.into_inner().status()
+    }
+
+    pub async fn wait_for(&self, status: ServingStatus) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.health().await == status {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server never reported {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Asks the server to drain and returns what `run` returned.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.handle).await.expect("server task")
+    }
+
+    /// Waits for the server to end on its own (e.g. a failed first load).
+    pub async fn finished(mut self) -> Result<(), ServeError> {
+        (&mut self.handle).await.expect("server task")
+    }
+
+    /// GET on the admin listener: (status code, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (code, body)
+    }
+}
+
+pub fn uid(type_name: &str, id: &str) -> Option<EntityUid> {
+    Some(EntityUid {
+        r#type: type_name.into(),
+        id: id.into(),
+    })
+}
+
+/// A request against the embedded example (`Saas` namespace), with a
+/// context that passes the MFA and network guardrails.
+pub fn saas(principal: &str, action: &str, resource_type: &str, resource: &str) -> CheckRequest {
+    CheckRequest {
+        principal: uid("Saas::User", principal),
+        action: uid("Saas::Action", action),
+        resource: uid(&format!("Saas::{resource_type}"), resource),
+        context_json: r#"{"mfa": true, "source_ip": "10.1.2.3"}"#.into(),
+        entities_json: String::new(),
+    }
+}

@@ -1,0 +1,914 @@
+//! Cedar conformance: Arbiter must give the answers Cedar's own integration
+//! tests expect (decision, reasons and errors), and must refuse a policy set
+//! that fails strict validation unless validation is turned off.
+//!
+//! The corpus (see its `README.md`) is found at `$ARBITER_CONFORMANCE_DIR`,
+//! else at `<crate>/../shared/conformance`; a missing corpus fails the tests.
+//!
+//! - `handwritten_and_sampled_corpus_through_grpc` runs the 22 handwritten
+//!   tests and a deterministic sample (every 15th by name, 521 files) of the
+//!   7,809 generated ones through a real in-process server over TCP.
+//! - `whole_corpus_in_process` (ignored: it takes a while) runs every test
+//!   through the engine directly:
+//!
+//!   ```text
+//!   cargo test --release --test conformance -- --ignored --nocapture
+//!   ```
+//!
+//! Both load with `OnEvaluationError::SkipPolicy` (Cedar's semantics), since
+//! the expected answers are Cedar's. A `shouldValidate: false` test counts as
+//! refused when the load with validation fails and the one without succeeds.
+
+// Tests fail by panicking.
+#![allow(clippy::panic)]
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arbiter::app::{ServeConfig, ServeError, Server};
+use arbiter::engine::loader::{self, Inputs};
+use arbiter::engine::{
+    CheckInput, Engine, LoadOptions, OnEvaluationError, Snapshot, Sources, UidInput,
+};
+use arbiter::proto::v1 as pb;
+use arbiter::proto::v1::authorizer_client::AuthorizerClient;
+use serde::Deserialize;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Handwritten test files in `cedar-integration-tests/tests/*/`.
+const HANDWRITTEN_FILES: usize = 22;
+/// Generated test files in `corpus-tests.tar.gz`.
+const GENERATED_FILES: usize = 7_809;
+/// The gRPC test takes every `SAMPLE_STEP`-th generated file by sorted name.
+const SAMPLE_STEP: usize = 15;
+/// Test files checked at once through gRPC.
+const GRPC_CONCURRENCY: usize = 4;
+/// How long a server may take to start serving, or to stop.
+const SERVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Mismatches listed in a failure message.
+const SHOWN_MISMATCHES: usize = 20;
+
+// ---------------------------------------------------------------------------
+// The corpus
+
+/// The conformance folder: `cedar-integration-tests/` and `validation-warn-only.txt`.
+fn corpus_dir() -> PathBuf {
+    let dir = match std::env::var_os("ARBITER_CONFORMANCE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance"),
+    };
+    let suite = dir.join("cedar-integration-tests");
+    if !suite.join("tests").is_dir() || !suite.join("corpus-tests.tar.gz").is_file() {
+        panic!(
+            "the Cedar conformance corpus is missing: expected `{}` to hold \
+             `cedar-integration-tests/tests/` and `cedar-integration-tests/corpus-tests.tar.gz`. \
+             Put the `shared/` folder beside the repository or set ARBITER_CONFORMANCE_DIR \
+             to the folder that holds `cedar-integration-tests/`.",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// Names (`corpus-tests/<sha>.json`) of the tests whose `shouldValidate: false`
+/// current Cedar only warns about. One name a line; `#` starts a comment.
+fn warn_only(dir: &Path) -> HashSet<String> {
+    let path = dir.join("validation-warn-only.txt");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("cannot read `{}`: {error}", path.display()));
+    text.lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TestFileJson {
+    policies: String,
+    entities: String,
+    schema: String,
+    should_validate: bool,
+    requests: Vec<RequestJson>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestJson {
+    description: String,
+    principal: UidJson,
+    action: UidJson,
+    resource: UidJson,
+    #[serde(default)]
+    context: serde_json::Value,
+    #[serde(default = "default_true")]
+    validate_request: bool,
+    decision: String,
+    #[serde(default)]
+    reason: Vec<String>,
+    #[serde(default)]
+    errors: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+struct UidJson {
+    #[serde(rename = "type")]
+    type_name: String,
+    id: String,
+}
+
+/// One request, ready to send, with the answer Cedar gives.
+#[derive(Debug)]
+struct Request {
+    description: String,
+    principal: UidJson,
+    action: UidJson,
+    resource: UidJson,
+    context_json: String,
+    validate_request: bool,
+    expected: Answer,
+}
+
+/// One test file with its files resolved.
+#[derive(Debug)]
+struct TestCase {
+    /// The file's path relative to its root, e.g. `tests/ip/1.json` or
+    /// `corpus-tests/<sha>.json` (the names `validation-warn-only.txt` uses).
+    name: String,
+    sources: Sources,
+    should_validate: bool,
+    /// Listed in `validation-warn-only.txt`: exempt from the refusal check.
+    warn_only: bool,
+    requests: Vec<Request>,
+}
+
+/// Reads the test `root/name`; its paths are relative to `root`.
+fn read_case(root: &Path, name: &str, warn_only: &HashSet<String>) -> TestCase {
+    let path = root.join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("cannot read `{}`: {error}", path.display()));
+    let file: TestFileJson = serde_json::from_str(&text)
+        .unwrap_or_else(|error| panic!("`{}` is not a test file: {error}", path.display()));
+    let requests = file
+        .requests
+        .into_iter()
+        .map(|request| {
+            let context_json = if request.context.is_null() {
+                String::from("{}")
+            } else {
+                request.context.to_string()
+            };
+            let allow = match request.decision.as_str() {
+                "allow" | "Allow" => true,
+                "deny" | "Deny" => false,
+                other => panic!("`{}`: unknown decision `{other}`", path.display()),
+            };
+            Request {
+                description: request.description,
+                principal: request.principal,
+                action: request.action,
+                resource: request.resource,
+                context_json,
+                validate_request: request.validate_request,
+                expected: Answer {
+                    allow,
+                    reasons: request.reason.into_iter().collect(),
+                    errors: request.errors.into_iter().collect(),
+                },
+            }
+        })
+        .collect();
+    TestCase {
+        name: name.to_owned(),
+        sources: Sources {
+            policies: Some(root.join(&file.policies)),
+            schema: Some(root.join(&file.schema)),
+            entities: Some(root.join(&file.entities)),
+        },
+        should_validate: file.should_validate,
+        warn_only: warn_only.contains(name),
+        requests,
+    }
+}
+
+/// The handwritten tests, sorted by name.
+fn handwritten(dir: &Path, warn_only: &HashSet<String>) -> Vec<TestCase> {
+    let root = dir.join("cedar-integration-tests");
+    let mut names = Vec::new();
+    let tests = root.join("tests");
+    for group in sorted_entries(&tests) {
+        if !group.is_dir() {
+            continue;
+        }
+        for file in sorted_entries(&group) {
+            if file.extension().is_some_and(|ext| ext == "json")
+                && let Ok(relative) = file.strip_prefix(&root)
+            {
+                names.push(relative.to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+    assert_eq!(
+        names.len(),
+        HANDWRITTEN_FILES,
+        "expected {HANDWRITTEN_FILES} handwritten tests under `{}`",
+        tests.display()
+    );
+    names
+        .iter()
+        .map(|name| read_case(&root, name, warn_only))
+        .collect()
+}
+
+fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
+    let entries = std::fs::read_dir(dir)
+        .unwrap_or_else(|error| panic!("cannot list `{}`: {error}", dir.display()));
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    paths
+}
+
+/// `corpus-tests.tar.gz` unpacked into a temporary directory (removed on drop).
+struct Unpacked {
+    dir: tempfile::TempDir,
+    /// Test names (`corpus-tests/<sha>.json`), sorted.
+    names: Vec<String>,
+}
+
+fn unpack_generated(dir: &Path) -> Unpacked {
+    let archive = dir.join("cedar-integration-tests/corpus-tests.tar.gz");
+    let temp = tempfile::Builder::new()
+        .prefix("arbiter-conformance-")
+        .tempdir()
+        .unwrap_or_else(|error| panic!("cannot create a temporary directory: {error}"));
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(temp.path())
+        .status()
+        .unwrap_or_else(|error| panic!("cannot run `tar`: {error}"));
+    assert!(
+        status.success(),
+        "`tar -xzf {}` failed: {status}",
+        archive.display()
+    );
+    let names: Vec<String> = sorted_entries(&temp.path().join("corpus-tests"))
+        .into_iter()
+        .filter_map(|path| {
+            let file = path.file_name()?.to_str()?.to_owned();
+            let is_test = file.ends_with(".json") && !file.ends_with(".entities.json");
+            is_test.then(|| format!("corpus-tests/{file}"))
+        })
+        .collect();
+    assert_eq!(
+        names.len(),
+        GENERATED_FILES,
+        "expected {GENERATED_FILES} generated tests in `{}`",
+        archive.display()
+    );
+    Unpacked { dir: temp, names }
+}
+
+impl Unpacked {
+    fn read(&self, names: &[String], warn_only: &HashSet<String>) -> Vec<TestCase> {
+        names
+            .iter()
+            .map(|name| read_case(self.dir.path(), name, warn_only))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Comparing and counting
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Answer {
+    allow: bool,
+    reasons: BTreeSet<String>,
+    errors: BTreeSet<String>,
+}
+
+impl fmt::Display for Answer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(",");
+        write!(
+            f,
+            "{} reasons=[{}] errors=[{}]",
+            if self.allow { "allow" } else { "deny" },
+            list(&self.reasons),
+            list(&self.errors)
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Mismatch {
+    file: String,
+    what: String,
+    expected: String,
+    got: String,
+}
+
+/// How a start with validation on ended.
+enum ValidatedLoad {
+    Loaded,
+    Refused,
+    /// Anything else (e.g. the server failed for another reason).
+    Failed(String),
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    files: usize,
+    requests: usize,
+    decision_ok: usize,
+    reasons_ok: usize,
+    errors_ok: usize,
+    all_ok: usize,
+    /// `shouldValidate: false` tests whose refusal was checked, and how many
+    /// of them were refused.
+    refusal_checked: usize,
+    refused: usize,
+    /// `shouldValidate: false` tests exempt from the refusal check, and how
+    /// many of them loaded with validation on anyway (warnings only).
+    refusal_exempt: usize,
+    exempt_loaded: usize,
+    /// `shouldValidate: true` tests, and how many loaded with validation on.
+    validated_expected: usize,
+    validated_loaded: usize,
+    mismatches: Vec<Mismatch>,
+}
+
+impl Tally {
+    fn mismatch(
+        &mut self,
+        file: &str,
+        what: impl Into<String>,
+        expected: impl fmt::Display,
+        got: impl fmt::Display,
+    ) {
+        self.mismatches.push(Mismatch {
+            file: file.to_owned(),
+            what: what.into(),
+            expected: expected.to_string(),
+            got: got.to_string(),
+        });
+    }
+
+    /// Records a start with validation on; true when the answers may be
+    /// taken from that server (it loaded and was expected to).
+    fn validated_load(&mut self, case: &TestCase, load: ValidatedLoad) {
+        let name = case.name.as_str();
+        match (case.should_validate, case.warn_only, load) {
+            (true, _, ValidatedLoad::Loaded) => {
+                self.validated_expected += 1;
+                self.validated_loaded += 1;
+            }
+            (true, _, ValidatedLoad::Refused) => {
+                self.validated_expected += 1;
+                self.mismatch(name, "load with validation", "loads", "refused");
+            }
+            (false, false, ValidatedLoad::Loaded) => {
+                self.refusal_checked += 1;
+                self.mismatch(name, "load with validation", "refused", "loaded");
+            }
+            (false, false, ValidatedLoad::Refused) => {
+                self.refusal_checked += 1;
+                self.refused += 1;
+            }
+            (false, true, ValidatedLoad::Loaded) => {
+                self.refusal_exempt += 1;
+                self.exempt_loaded += 1;
+            }
+            (false, true, ValidatedLoad::Refused) => self.refusal_exempt += 1,
+            (should, _, ValidatedLoad::Failed(error)) => {
+                if should {
+                    self.validated_expected += 1;
+                } else {
+                    self.refusal_checked += 1;
+                }
+                self.mismatch(name, "load with validation", "loads or is refused", error);
+            }
+        }
+    }
+
+    /// Records the answer to one request (`Err`: the request was rejected).
+    fn answer(&mut self, case: &TestCase, request: &Request, got: Result<Answer, String>) {
+        self.requests += 1;
+        let expected = &request.expected;
+        let got = match got {
+            Ok(got) => got,
+            Err(error) => {
+                self.mismatch(
+                    &case.name,
+                    &request.description,
+                    expected,
+                    format!("rejected: {error}"),
+                );
+                return;
+            }
+        };
+        let decision = got.allow == expected.allow;
+        let reasons = got.reasons == expected.reasons;
+        let errors = got.errors == expected.errors;
+        self.decision_ok += usize::from(decision);
+        self.reasons_ok += usize::from(reasons);
+        self.errors_ok += usize::from(errors);
+        if decision && reasons && errors {
+            self.all_ok += 1;
+        } else {
+            self.mismatch(&case.name, &request.description, expected, got);
+        }
+    }
+
+    /// Records that no server could answer a test's requests.
+    fn unanswered(&mut self, case: &TestCase, why: impl fmt::Display) {
+        self.requests += case.requests.len();
+        self.mismatch(
+            &case.name,
+            "answer the requests",
+            "a loaded policy set",
+            why,
+        );
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.files += other.files;
+        self.requests += other.requests;
+        self.decision_ok += other.decision_ok;
+        self.reasons_ok += other.reasons_ok;
+        self.errors_ok += other.errors_ok;
+        self.all_ok += other.all_ok;
+        self.refusal_checked += other.refusal_checked;
+        self.refused += other.refused;
+        self.refusal_exempt += other.refusal_exempt;
+        self.exempt_loaded += other.exempt_loaded;
+        self.validated_expected += other.validated_expected;
+        self.validated_loaded += other.validated_loaded;
+        self.mismatches.extend(other.mismatches);
+    }
+
+    /// Prints the figures, and fails listing the first mismatches if any.
+    fn report(mut self, title: &str, elapsed: Duration) {
+        let percent = |count: usize| {
+            if self.requests == 0 {
+                0.0
+            } else {
+                100.0 * count as f64 / self.requests as f64
+            }
+        };
+        println!("== {title} ({:.1} s)", elapsed.as_secs_f64());
+        println!("files: {}, requests: {}", self.files, self.requests);
+        println!(
+            "agreement: decision {}/{} ({:.2}%), reasons {} ({:.2}%), errors {} ({:.2}%), all three {} ({:.2}%)",
+            self.decision_ok,
+            self.requests,
+            percent(self.decision_ok),
+            self.reasons_ok,
+            percent(self.reasons_ok),
+            self.errors_ok,
+            percent(self.errors_ok),
+            self.all_ok,
+            percent(self.all_ok),
+        );
+        println!(
+            "shouldValidate=true: {}/{} loaded with validation on",
+            self.validated_loaded, self.validated_expected
+        );
+        println!(
+            "shouldValidate=false: refusal checked {} (refused {}), exempted {} (of which {} loaded with validation on)",
+            self.refusal_checked, self.refused, self.refusal_exempt, self.exempt_loaded
+        );
+        if self.mismatches.is_empty() {
+            return;
+        }
+        self.mismatches
+            .sort_by(|a, b| (&a.file, &a.what).cmp(&(&b.file, &b.what)));
+        let mut message = format!(
+            "{title}: {} mismatches; the first ones:\n",
+            self.mismatches.len()
+        );
+        for mismatch in self.mismatches.iter().take(SHOWN_MISMATCHES) {
+            message.push_str(&format!(
+                "- {} / {}:\n    expected {}\n    got      {}\n",
+                mismatch.file, mismatch.what, mismatch.expected, mismatch.got
+            ));
+        }
+        panic!("{message}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Through gRPC
+
+/// A server that started serving.
+struct Running {
+    addr: SocketAddr,
+    channel: Channel,
+    stop: oneshot::Sender<()>,
+    handle: JoinHandle<Result<(), ServeError>>,
+}
+
+enum Started {
+    Serving(Running),
+    /// `run` returned before the server reported SERVING.
+    Ended(Result<(), ServeError>),
+}
+
+/// Load options with Cedar's own semantics for evaluation errors (the
+/// erroring policy is skipped): the expected answers are Cedar's.
+fn cedar_options(validate_policies: bool, validate_requests: bool) -> LoadOptions {
+    LoadOptions {
+        validate_policies,
+        validate_requests,
+        on_evaluation_error: OnEvaluationError::SkipPolicy,
+    }
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Starts a server in-process and waits until it is SERVING or has ended.
+async fn start(sources: &Sources, validate_policies: bool) -> Result<Started, String> {
+    let config = ServeConfig {
+        sources: sources.clone(),
+        load: cedar_options(validate_policies, true),
+        listen: loopback(),
+        admin_listen: loopback(),
+        shutdown_grace: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let server = Server::bind(config)
+        .await
+        .map_err(|error| format!("bind: {error}"))?;
+    let addr = server
+        .local_addr()
+        .map_err(|error| format!("local address: {error}"))?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let mut handle = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    tokio::select! {
+        biased;
+        ended = &mut handle => {
+            let ended = ended.map_err(|error| format!("server task: {error}"))?;
+            Ok(Started::Ended(ended))
+        }
+        serving = tokio::time::timeout(SERVER_TIMEOUT, wait_until_serving(addr)) => match serving {
+            Ok(channel) => Ok(Started::Serving(Running { addr, channel, stop, handle })),
+            Err(_) => {
+                let _ = stop.send(());
+                handle.abort();
+                Err(format!("not SERVING within {SERVER_TIMEOUT:?}"))
+            }
+        },
+    }
+}
+
+/// Polls gRPC health until the Authorizer is SERVING; returns the channel.
+async fn wait_until_serving(addr: SocketAddr) -> Channel {
+    let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(endpoint) => endpoint.connect_timeout(Duration::from_secs(5)),
+        Err(error) => panic!("bad endpoint for {addr}: {error}"),
+    };
+    loop {
+        if let Ok(channel) = endpoint.connect().await {
+            let mut health = HealthClient::new(channel.clone());
+            let request = HealthCheckRequest {
+                service: "arbiter.v1.Authorizer".to_owned(),
+            };
+            if let Ok(response) = health.check(request).await
+                && response.get_ref().status == ServingStatus::Serving as i32
+            {
+                return channel;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Stops a server and waits for `run` to return.
+async fn shut_down(running: Running) -> Result<(), String> {
+    let Running {
+        channel,
+        stop,
+        handle,
+        ..
+    } = running;
+    drop(channel);
+    let _ = stop.send(());
+    match tokio::time::timeout(SERVER_TIMEOUT, handle).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(error))) => Err(format!("run returned an error: {error}")),
+        Ok(Err(error)) => Err(format!("server task: {error}")),
+        Err(_) => Err(format!("did not stop within {SERVER_TIMEOUT:?}")),
+    }
+}
+
+fn uid(uid: &UidJson) -> Option<pb::EntityUid> {
+    Some(pb::EntityUid {
+        r#type: uid.type_name.clone(),
+        id: uid.id.clone(),
+    })
+}
+
+/// Sends every request of `case` to `running` and records the answers.
+async fn ask_grpc(case: &TestCase, running: &Running, tally: &mut Tally) {
+    let mut client = AuthorizerClient::new(running.channel.clone());
+    for request in &case.requests {
+        if !request.validate_request {
+            tally.requests += 1;
+            tally.mismatch(
+                &case.name,
+                &request.description,
+                "validateRequest: true",
+                "false (not supported by the gRPC check)",
+            );
+            continue;
+        }
+        let message = pb::CheckRequest {
+            principal: uid(&request.principal),
+            action: uid(&request.action),
+            resource: uid(&request.resource),
+            context_json: request.context_json.clone(),
+            entities_json: String::new(),
+        };
+        let got = match client.check(message).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                Ok(Answer {
+                    allow: response.decision == pb::Decision::Allow as i32,
+                    reasons: response.reasons.into_iter().collect(),
+                    errors: response.errors.into_iter().map(|e| e.policy_id).collect(),
+                })
+            }
+            Err(status) => Err(format!(
+                "{:?} from {}: {}",
+                status.code(),
+                running.addr,
+                status.message()
+            )),
+        };
+        tally.answer(case, request, got);
+    }
+}
+
+/// One test file through gRPC: the load with validation on, then the answers.
+async fn check_case_grpc(case: &TestCase) -> Tally {
+    let mut tally = Tally {
+        files: 1,
+        ..Tally::default()
+    };
+    let name = case.name.as_str();
+    let validated = match start(&case.sources, true).await {
+        Ok(started) => started,
+        Err(error) => {
+            tally.mismatch(name, "start with validation", "starts", error);
+            tally.unanswered(case, "the server did not start");
+            return tally;
+        }
+    };
+    let (load, serving) = match validated {
+        Started::Serving(running) => (ValidatedLoad::Loaded, Some(running)),
+        Started::Ended(Err(ServeError::InitialLoad(_))) => (ValidatedLoad::Refused, None),
+        Started::Ended(Err(error)) => (ValidatedLoad::Failed(error.to_string()), None),
+        Started::Ended(Ok(())) => (
+            ValidatedLoad::Failed("run returned Ok before serving".to_owned()),
+            None,
+        ),
+    };
+    tally.validated_load(case, load);
+    // Answers come from the validated server when the test says it loads;
+    // otherwise from one started with validation off.
+    let running = match serving {
+        Some(running) if case.should_validate => Some(running),
+        Some(running) => {
+            if let Err(error) = shut_down(running).await {
+                tally.mismatch(name, "shut down", "stops", error);
+            }
+            None
+        }
+        None => None,
+    };
+    let running = match running {
+        Some(running) => running,
+        None if case.should_validate => {
+            tally.unanswered(case, "refused with validation on");
+            return tally;
+        }
+        None => match start(&case.sources, false).await {
+            Ok(Started::Serving(running)) => running,
+            Ok(Started::Ended(ended)) => {
+                let why = match ended {
+                    Ok(()) => "run returned Ok before serving".to_owned(),
+                    Err(error) => error.to_string(),
+                };
+                tally.unanswered(case, format!("refused with validation off: {why}"));
+                return tally;
+            }
+            Err(error) => {
+                tally.unanswered(case, error);
+                return tally;
+            }
+        },
+    };
+    ask_grpc(case, &running, &mut tally).await;
+    if let Err(error) = shut_down(running).await {
+        tally.mismatch(name, "shut down", "stops", error);
+    }
+    tally
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handwritten_and_sampled_corpus_through_grpc() {
+    let started = Instant::now();
+    let dir = corpus_dir();
+    let warn_only = warn_only(&dir);
+    let mut cases = handwritten(&dir, &warn_only);
+    let generated = unpack_generated(&dir);
+    let sample: Vec<String> = generated
+        .names
+        .iter()
+        .step_by(SAMPLE_STEP)
+        .cloned()
+        .collect();
+    assert!(
+        sample.len() >= 500,
+        "the sample is too small: {}",
+        sample.len()
+    );
+    cases.extend(generated.read(&sample, &warn_only));
+
+    let cases = Arc::new(cases);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..GRPC_CONCURRENCY {
+        let cases = cases.clone();
+        let next = next.clone();
+        workers.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            while let Some(case) = cases.get(next.fetch_add(1, Ordering::Relaxed)) {
+                tally.merge(check_case_grpc(case).await);
+            }
+            tally
+        }));
+    }
+    let mut tally = Tally::default();
+    for worker in workers {
+        match worker.await {
+            Ok(part) => tally.merge(part),
+            Err(error) => panic!("a worker failed: {error}"),
+        }
+    }
+    tally.report(
+        "handwritten + sampled corpus through gRPC",
+        started.elapsed(),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// In-process, the whole corpus
+
+fn input_uid(uid: &UidJson) -> UidInput<'_> {
+    UidInput {
+        type_name: uid.type_name.as_str(),
+        id: uid.id.as_str(),
+    }
+}
+
+/// Sends every request of `case` through the engine; `validateRequest:
+/// false` requests go to `unvalidated`, a snapshot without request validation.
+fn ask_in_process(
+    case: &TestCase,
+    snapshot: &Snapshot,
+    unvalidated: Option<&Snapshot>,
+    tally: &mut Tally,
+) {
+    let engine = Engine::new();
+    for request in &case.requests {
+        let snapshot = match (request.validate_request, unvalidated) {
+            (false, Some(unvalidated)) => unvalidated,
+            _ => snapshot,
+        };
+        let input = CheckInput {
+            principal: Some(input_uid(&request.principal)),
+            action: Some(input_uid(&request.action)),
+            resource: Some(input_uid(&request.resource)),
+            context_json: &request.context_json,
+            entities_json: "",
+        };
+        let got = engine
+            .check_against(snapshot, &input)
+            .map(|decision| Answer {
+                allow: decision.allowed,
+                reasons: decision.reasons.into_iter().collect(),
+                errors: decision.errors.into_iter().map(|e| e.policy_id).collect(),
+            })
+            .map_err(|error| error.to_string());
+        tally.answer(case, request, got);
+    }
+}
+
+/// One test file in-process: the load with validation on, then the answers.
+fn check_case_in_process(case: &TestCase) -> Tally {
+    let mut tally = Tally {
+        files: 1,
+        ..Tally::default()
+    };
+    let inputs: Inputs = match loader::read_inputs(&case.sources) {
+        Ok(inputs) => inputs,
+        Err(error) => {
+            tally.unanswered(case, format!("cannot read: {}", error));
+            return tally;
+        }
+    };
+    let options = cedar_options;
+    let (load, snapshot) = match loader::build(&inputs, options(true, true)) {
+        Ok((snapshot, _)) => (ValidatedLoad::Loaded, Some(snapshot)),
+        Err(_) => (ValidatedLoad::Refused, None),
+    };
+    tally.validated_load(case, load);
+    let snapshot = match snapshot {
+        Some(snapshot) if case.should_validate => snapshot,
+        _ if case.should_validate => {
+            tally.unanswered(case, "refused with validation on");
+            return tally;
+        }
+        _ => match loader::build(&inputs, options(false, true)) {
+            Ok((snapshot, _)) => snapshot,
+            Err(error) => {
+                let why = format!("refused with validation off: {}", error);
+                tally.unanswered(case, why);
+                return tally;
+            }
+        },
+    };
+    let unvalidated = if case.requests.iter().all(|request| request.validate_request) {
+        None
+    } else {
+        match loader::build(&inputs, options(false, false)) {
+            Ok((snapshot, _)) => Some(snapshot),
+            Err(error) => {
+                let why = format!("refused with validation off: {}", error);
+                tally.unanswered(case, why);
+                return tally;
+            }
+        }
+    };
+    ask_in_process(case, &snapshot, unvalidated.as_ref(), &mut tally);
+    tally
+}
+
+#[test]
+#[ignore = "the whole corpus: cargo test --release --test conformance -- --ignored --nocapture"]
+fn whole_corpus_in_process() {
+    let started = Instant::now();
+    let dir = corpus_dir();
+    let warn_only = warn_only(&dir);
+    let mut cases = handwritten(&dir, &warn_only);
+    let generated = unpack_generated(&dir);
+    cases.extend(generated.read(&generated.names, &warn_only));
+
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let tally = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut tally = Tally::default();
+                    while let Some(case) = cases.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        tally.merge(check_case_in_process(case));
+                    }
+                    tally
+                })
+            })
+            .collect();
+        let mut tally = Tally::default();
+        for worker in workers {
+            match worker.join() {
+                Ok(part) => tally.merge(part),
+                Err(_) => panic!("a worker panicked"),
+            }
+        }
+        tally
+    });
+    tally.report("whole corpus in process", started.elapsed());
+}
