@@ -125,6 +125,9 @@ impl Server {
             .build_v1()
             .map_err(|error| ServeError::InitialLoad(LoadError::one("<reflection>", error)))?;
 
+        let grpc_addr = grpc
+            .local_addr()
+            .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
         let (stop_tx, stop_rx) = watch::channel(false);
         let grpc_stop = wait_for_stop(stop_rx.clone());
         let authorizer = AuthorizerService::new(engine.clone(), decision_metrics);
@@ -185,7 +188,7 @@ impl Server {
                 serving.store(true, Ordering::Release);
                 set_health(&health_reporter, ServingStatus::Serving).await;
                 tracing::info!(
-                    listen = %config.listen,
+                    listen = %grpc_addr,
                     "serving arbiter.v1.Authorizer{}",
                     if config.sources.is_embedded() { " on the embedded default policy set" } else { "" }
                 );

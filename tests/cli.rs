@@ -328,3 +328,100 @@ fn check_allow_and_deny_against_the_embedded_default() {
         describe(&deny)
     );
 }
+
+/// The README's quick start: `arbiter serve` on the embedded default, then
+/// `arbiter check --server` as the client, one allow and one deny.
+#[test]
+fn quick_start_allow_and_deny_through_a_running_server() {
+    use std::io::{BufRead, BufReader};
+    let mut server = Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let mut addr = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("grpc=").nth(1) {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.contains("serving arbiter.v1.Authorizer") {
+            break;
+        }
+    }
+    let url = format!("http://{}", addr.expect("the server logs its address"));
+    let log = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let ask = |principal: &str, action: &str| {
+        Command::new(env!("CARGO_BIN_EXE_arbiter"))
+            .args(["check", "--server", &url])
+            .args(["--principal", principal, "--action", action])
+            .args(["--resource", "Saas::Document::\"acme-roadmap\""])
+            .args(["--context", r#"{"mfa": true, "source_ip": "10.1.2.3"}"#])
+            .output()
+            .unwrap()
+    };
+    let allow = ask("Saas::User::\"bob\"", "Saas::Action::\"write\"");
+    let deny = ask("Saas::User::\"gina\"", "Saas::Action::\"read\"");
+    let malformed = ask("Saas::User::\"bob\"", "Saas::Action::\"fly\"");
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let exit = server.wait().unwrap();
+    let log = log.join().unwrap().join("\n");
+
+    let allow_out = String::from_utf8_lossy(&allow.stdout);
+    assert_eq!(allow.status.code(), Some(0), "{allow_out}");
+    assert!(
+        allow_out.contains("ALLOW") && allow_out.contains("editor-can-write"),
+        "{allow_out}"
+    );
+    let deny_out = String::from_utf8_lossy(&deny.stdout);
+    assert_eq!(deny.status.code(), Some(2), "{deny_out}");
+    assert!(
+        deny_out.contains("DENY") && deny_out.contains("tenant-isolation"),
+        "{deny_out}"
+    );
+    let malformed_err = String::from_utf8_lossy(&malformed.stderr);
+    assert_eq!(malformed.status.code(), Some(64), "{malformed_err}");
+    assert!(malformed_err.contains("InvalidArgument"), "{malformed_err}");
+    assert_eq!(exit.code(), Some(0), "{log}");
+}
+
+/// A log shipper that goes away closes the server's stderr: logging must not
+/// crash the server, which still drains and exits 0 on SIGTERM.
+#[test]
+fn closed_stderr_does_not_crash_the_server() {
+    use std::io::{BufRead, BufReader};
+    let mut server = Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let lines = BufReader::new(server.stderr.take().unwrap()).lines();
+        for line in lines {
+            if line.unwrap().contains("serving arbiter.v1.Authorizer") {
+                break;
+            }
+        }
+    } // the read end closes here
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    assert_eq!(server.wait().unwrap().code(), Some(0));
+}

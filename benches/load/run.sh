@@ -12,7 +12,9 @@
 #
 # Knobs (environment): ROUNDS=3 DURATION=10 WARMUP=2 (seconds per run),
 # CLIENTS=4 STREAMS=8 (h2 connections, concurrent streams per connection),
-# THREADS=1 (h2load threads), GOAL=0.6 (ratio goal), STRICT=1 (fail below it).
+# THREADS=1 (h2load threads), GOAL=0.6 (ratio goal), STRICT=1 (fail below it),
+# ARBITER_EXTRA_ARGS (more `arbiter serve` flags, e.g. `--decision-cache-size 0`
+# to measure full Cedar evaluation on every request instead of cache hits).
 #
 # Exit status: 0 on success; 1 when Arbiter's responses are not gRPC OK
 # ALLOW (so the numbers would measure errors) or the goal is missed with
@@ -102,13 +104,15 @@ ARBITER_PORT=$(free_port)
 USED_PORTS+="$ARBITER_PORT "
 ADMIN_PORT=$(free_port)
 
+EXTRA_ARGS=${ARBITER_EXTRA_ARGS:-}
 # Only the flags below configure the server: no stray ARBITER_* settings.
 while read -r name; do unset "$name"; done < <(compgen -e | grep '^ARBITER_' || true)
 
 "$EMPTY" "127.0.0.1:$EMPTY_PORT" >"$WORK/empty.log" 2>&1 &
 PIDS+=($!)
+# shellcheck disable=SC2086 # extra flags are meant to split
 "$ARBITER" serve --listen "127.0.0.1:$ARBITER_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
-  >"$WORK/arbiter.log" 2>&1 &
+  ${EXTRA_ARGS} >"$WORK/arbiter.log" 2>&1 &
 PIDS+=($!)
 
 BODY=$WORK/check_request.bin

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what the tests call,
+# then runs every test target (unit, integration, CLI, conformance through
+# gRPC, the whole conformance corpus in-process, benches in test mode, doc
+# tests). Needs the Cedar corpus in ../shared/conformance (or
+# ARBITER_CONFORMANCE_DIR).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Tools the tests run besides cargo: mkfifo (coreutils), kill (procps), tar.
+missing=()
+command -v mkfifo >/dev/null 2>&1 || missing+=(coreutils)
+command -v kill >/dev/null 2>&1 || missing+=(procps)
+command -v tar >/dev/null 2>&1 || missing+=(tar)
+if ((${#missing[@]})); then
+  echo "installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null 2>&1 || {
+  echo "error: cargo is not installed (the Rust toolchain comes with the machine)" >&2
+  exit 1
+}
+
+# Every target, benches included (criterion runs each bench once as a test).
+cargo test --locked --all-targets -- --include-ignored
+cargo test --locked --doc
