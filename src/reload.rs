@@ -125,9 +125,11 @@ pub fn load_and_publish(
                 entities = snapshot.data.len(),
                 "policy set activated"
             );
-            engine.publish(snapshot);
+            // Status first: whoever sees a decision from the new set must
+            // also see the error of the set it replaced cleared.
             status.last_error.store(None);
             status.last_success.store(Some(Arc::new(SystemTime::now())));
+            engine.publish(snapshot);
             Ok(())
         }
         Err(error) => {

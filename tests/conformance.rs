@@ -539,6 +539,9 @@ fn cedar_options(validate_policies: bool, validate_requests: bool) -> LoadOption
         validate_policies,
         validate_requests,
         on_evaluation_error: OnEvaluationError::SkipPolicy,
+        // The server's default: repeated requests in a test file are then
+        // answered from the decision cache, which must agree too.
+        ..LoadOptions::default()
     }
 }
 

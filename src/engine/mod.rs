@@ -107,19 +107,21 @@ impl Engine {
             .decisions
             .as_ref()
             .and_then(|_| decision_cache::DecisionCache::key(input));
-        if let (Some(cache), Some(key)) = (&snapshot.decisions, &cache_key) {
-            if let Some(hit) = cache.get(key) {
-                return Ok(Decision {
-                    allowed: hit.allowed,
-                    reasons: hit.reasons.clone(),
-                    errors: hit.errors.clone(),
-                    decision_id: uuid::Uuid::now_v7().to_string(),
-                    policy_revision: snapshot.policies.revision.clone(),
-                    data_revision: snapshot.data.revision.clone(),
-                    elapsed: started.elapsed(),
-                    cached: true,
-                });
-            }
+        let hit = match (&snapshot.decisions, &cache_key) {
+            (Some(cache), Some(key)) => cache.get(key),
+            _ => None,
+        };
+        if let Some(hit) = hit {
+            return Ok(Decision {
+                allowed: hit.allowed,
+                reasons: hit.reasons.clone(),
+                errors: hit.errors.clone(),
+                decision_id: uuid::Uuid::now_v7().to_string(),
+                policy_revision: snapshot.policies.revision.clone(),
+                data_revision: snapshot.data.revision.clone(),
+                elapsed: started.elapsed(),
+                cached: true,
+            });
         }
         let policies = &*snapshot.policies;
         let schema = policies.schema.as_ref();
