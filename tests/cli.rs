@@ -425,3 +425,62 @@ fn closed_stderr_does_not_crash_the_server() {
         .status();
     assert_eq!(server.wait().unwrap().code(), Some(0));
 }
+
+/// `ARBITER_*` environment variables configure `serve`; a policy set that
+/// does not validate stops it at start with file, line and column (exit 3).
+#[test]
+fn serve_reads_env_and_refuses_invalid_policies_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("schema.cedarschema"),
+        "entity User = { level: Long };\nentity Doc;\naction read appliesTo { principal: User, resource: Doc };\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("p.cedar"),
+        "@id(\"typo\")\npermit (principal, action, resource)\nwhen { principal.levle > 0 };\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .arg("serve")
+        .env("ARBITER_POLICIES", dir.path().join("p.cedar"))
+        .env("ARBITER_SCHEMA", dir.path().join("schema.cedarschema"))
+        .env("ARBITER_LISTEN", "127.0.0.1:0")
+        .env("ARBITER_ADMIN_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("p.cedar:3:"), "{stderr}");
+    assert!(stderr.contains("levle"), "{stderr}");
+
+    // The flag wins over the env: with --no-validate the same set loads.
+    let mut server = Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .args(["serve", "--no-validate"])
+        .env("ARBITER_POLICIES", dir.path().join("p.cedar"))
+        .env("ARBITER_SCHEMA", dir.path().join("schema.cedarschema"))
+        .env("ARBITER_LISTEN", "127.0.0.1:0")
+        .env("ARBITER_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("ARBITER_NO_VALIDATE", "false")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::{BufRead, BufReader};
+    let mut served = false;
+    for line in BufReader::new(server.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("serving arbiter.v1.Authorizer") {
+            served = true;
+            break;
+        }
+        if line.contains("error") {
+            break;
+        }
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let _ = server.wait();
+    assert!(served, "--no-validate should let the set load");
+}

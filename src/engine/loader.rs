@@ -550,3 +550,150 @@ impl Diagnostic for WithSource<'_> {
         Some(&self.source)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn ids(snapshot: &Snapshot) -> Vec<String> {
+        let mut ids: Vec<String> = snapshot
+            .policies
+            .policies
+            .policies()
+            .map(|p| p.id().to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn single_file_keeps_cedar_positional_ids_and_annotations_win() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "p.cedar",
+            "permit (principal, action, resource);\n@id(\"named\")\npermit (principal, action, resource);\npermit (principal, action, resource);\n",
+        );
+        let sources = Sources {
+            policies: Some(dir.path().join("p.cedar")),
+            ..Sources::default()
+        };
+        let (snapshot, _) = load(&sources, LoadOptions::default()).unwrap();
+        assert_eq!(ids(&snapshot), ["named", "policy0", "policy2"]);
+    }
+
+    #[test]
+    fn directory_ids_are_derived_from_relative_path_and_position() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.cedar",
+            "permit (principal, action, resource);\n",
+        );
+        write(
+            dir.path(),
+            "team/b.cedar",
+            "forbid (principal, action, resource);\npermit (principal, action, resource);\n",
+        );
+        write(dir.path(), "notes.txt", "not a policy");
+        let sources = Sources {
+            policies: Some(dir.path().to_path_buf()),
+            ..Sources::default()
+        };
+        let (snapshot, _) = load(&sources, LoadOptions::default()).unwrap();
+        assert_eq!(
+            ids(&snapshot),
+            [
+                "a.cedar#policy0",
+                "team/b.cedar#policy0",
+                "team/b.cedar#policy1"
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_ids_are_a_load_error_naming_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.cedar",
+            "@id(\"same\")\npermit (principal, action, resource);\n",
+        );
+        write(
+            dir.path(),
+            "b.cedar",
+            "@id(\"same\")\nforbid (principal, action, resource);\n",
+        );
+        let sources = Sources {
+            policies: Some(dir.path().to_path_buf()),
+            ..Sources::default()
+        };
+        let error = load(&sources, LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("duplicate policy id `same`"), "{error}");
+        assert!(
+            error.contains("a.cedar") && error.contains("b.cedar"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn json_schema_format_is_accepted_and_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "schema.json",
+            r#"{"": {"entityTypes": {"User": {"shape": {"type": "Record", "attributes": {"level": {"type": "Long"}}}}, "Doc": {}},
+                    "actions": {"read": {"appliesTo": {"principalTypes": ["User"], "resourceTypes": ["Doc"]}}}}}"#,
+        );
+        write(
+            dir.path(),
+            "ok.cedar",
+            "permit (principal, action, resource) when { principal.level > 1 };\n",
+        );
+        write(
+            dir.path(),
+            "bad.cedar",
+            "permit (principal, action, resource) when { principal.rank > 1 };\n",
+        );
+        let with = |policies: &str| Sources {
+            policies: Some(dir.path().join(policies)),
+            schema: Some(dir.path().join("schema.json")),
+            entities: None,
+        };
+        assert!(load(&with("ok.cedar"), LoadOptions::default()).is_ok());
+        let error = load(&with("bad.cedar"), LoadOptions::default()).unwrap_err();
+        let first = &error.diagnostics[0];
+        assert!(first.file.ends_with("bad.cedar"), "{first}");
+        assert_eq!(first.location.map(|(line, _)| line), Some(1), "{first}");
+    }
+
+    #[test]
+    fn schema_or_entities_without_policies_is_refused() {
+        let sources = Sources {
+            schema: Some(PathBuf::from("schema.cedarschema")),
+            ..Sources::default()
+        };
+        let error = load(&sources, LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no policies configured"), "{error}");
+    }
+
+    #[test]
+    fn line_column_counts_characters_from_one() {
+        assert_eq!(line_column("ab\ncdé\nx", 0), (1, 1));
+        assert_eq!(line_column("ab\ncdé\nx", 3), (2, 1));
+        assert_eq!(line_column("ab\ncdé\nx", 8), (3, 1));
+        assert_eq!(line_column("ab\ncdé\nx", 7), (2, 4));
+    }
+}
