@@ -10,7 +10,6 @@ mod decision;
 mod decision_cache;
 mod error;
 pub mod loader;
-mod scope_index;
 mod snapshot;
 
 use std::sync::Arc;
@@ -179,7 +178,6 @@ impl Engine {
         } else {
             None
         };
-        let applicable = policies.applicable(&principal, &action, &resource);
         let request = Request::new(principal, action, resource, context, request_schema)
             .map_err(|error| RequestError::invalid(request_error_field(&error), error))?;
 
@@ -189,10 +187,10 @@ impl Engine {
             let entities = Entities::from_entities(slice, None)
                 .map_err(|error| RequestError::invalid(RequestField::Entities, error))?;
             self.authorizer
-                .is_authorized(&request, applicable, &entities)
+                .is_authorized(&request, &policies.policies, &entities)
         } else {
             self.authorizer
-                .is_authorized(&request, applicable, &snapshot.data.entities)
+                .is_authorized(&request, &policies.policies, &snapshot.data.entities)
         };
 
         let diagnostics = response.diagnostics();

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use super::decision_cache::DecisionCache;
 use super::loader::{LoadOptions, OnEvaluationError};
-use super::scope_index::ScopeIndex;
 use cedar_policy::{Entities, Entity, EntityUid, EvalResult, PolicySet, Schema};
 
 /// Everything one decision needs, swapped as one unit so that a request sees
@@ -52,8 +51,6 @@ pub struct PolicySnapshot {
     /// The actions the schema declares, to name an unknown action as such
     /// before its context is parsed against the schema.
     pub(crate) declared_actions: HashSet<EntityUid>,
-    /// Policy subsets by request shape (see `scope_index`).
-    scope_index: Option<ScopeIndex>,
 }
 
 impl PolicySnapshot {
@@ -68,7 +65,6 @@ impl PolicySnapshot {
             literals.extend(policy.entity_literals());
         }
         PolicySnapshot {
-            scope_index: ScopeIndex::build(&policies, schema.as_ref()),
             declared_actions: schema
                 .as_ref()
                 .map(|schema| schema.actions().cloned().collect())
@@ -84,21 +80,6 @@ impl PolicySnapshot {
 
     pub fn policy_count(&self) -> usize {
         self.policies.num_of_policies()
-    }
-
-    /// The policies that can apply to a request: the subset whose scope may
-    /// match its principal type, action and resource type when the index
-    /// knows that shape, else the whole set.
-    pub fn applicable(
-        &self,
-        principal: &EntityUid,
-        action: &EntityUid,
-        resource: &EntityUid,
-    ) -> &PolicySet {
-        self.scope_index
-            .as_ref()
-            .and_then(|index| index.get(principal, action, resource))
-            .unwrap_or(&self.policies)
     }
 }
 
