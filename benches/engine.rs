@@ -106,9 +106,15 @@ fn find<'a>(cases: &'a [Case], file: &str, name: &str) -> &'a Case {
         .expect("the fixture case exists")
 }
 
-fn engine() -> Engine {
-    let (snapshot, _report) = loader::load(&Sources::default(), LoadOptions::default())
-        .expect("the embedded policy set loads");
+/// The engine on the embedded set; `decision_cache_capacity` 0 makes every
+/// check a full Cedar evaluation.
+fn engine(decision_cache_capacity: u64) -> Engine {
+    let options = LoadOptions {
+        decision_cache_capacity,
+        ..LoadOptions::default()
+    };
+    let (snapshot, _report) =
+        loader::load(&Sources::default(), options).expect("the embedded policy set loads");
     let engine = Engine::new();
     engine.publish(snapshot);
     engine
@@ -140,7 +146,8 @@ fn verified<'a>(engine: &Engine, case: &'a Case, reasons: Option<&[&str]>) -> Ch
 }
 
 fn bench_engine(c: &mut Criterion) {
-    let engine = engine();
+    let cached_engine = engine(LoadOptions::default().decision_cache_capacity);
+    let engine = engine(0);
     let cases = all_cases();
 
     let allow = verified(
@@ -187,6 +194,21 @@ fn bench_engine(c: &mut Criterion) {
     ] {
         group.bench_function(name, |b| {
             b.iter(|| engine.check(black_box(input)).expect("a valid request"))
+        });
+    }
+    group.finish();
+
+    // The same questions again and again: answered from the decision cache.
+    let mut group = c.benchmark_group("check_cached");
+    group.throughput(Throughput::Elements(1));
+    for (name, input) in [("allow", &allow), ("deny_forbid", &forbid)] {
+        cached_engine.check(input).expect("a valid request");
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                cached_engine
+                    .check(black_box(input))
+                    .expect("a valid request")
+            })
         });
     }
     group.finish();
