@@ -188,6 +188,11 @@ async fn malformed_input_is_invalid_argument_naming_the_field() {
             .into();
     cases.push(("entities not matching schema", r, "`entities_json`"));
     let mut r = good.clone();
+    r.entities_json =
+        r#"[{"uid": {"type": "Saas::User", "id": "x"}, "attrs": {"nope": 1}, "parents": []}]"#
+            .into();
+    cases.push(("the cause is in the message", r, "nope"));
+    let mut r = good.clone();
     r.principal = uid("Saas::Document", "acme-roadmap");
     cases.push((
         "principal type the action does not apply to",

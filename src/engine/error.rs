@@ -56,6 +56,28 @@ impl RequestError {
             message: message.to_string(),
         }
     }
+
+    /// An invalid field, described by an error and everything that caused it.
+    pub(crate) fn invalid_because(field: RequestField, error: &dyn std::error::Error) -> Self {
+        RequestError::invalid(field, error_chain(error))
+    }
+}
+
+/// An error's message followed by its causes, `: `-separated. Cedar often
+/// puts the useful part ("attribute `level` should be a Long") in a cause
+/// under a generic top line ("entity does not conform to the schema").
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let text = next.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = next.source();
+    }
+    message
 }
 
 /// One problem found while loading, located in a file where possible.

@@ -429,15 +429,50 @@ pub(crate) fn parse_entities(
         Some(file) => (file.name.as_str(), &*file.text),
         None => ("<no entities>", "[]"),
     };
-    Entities::from_json_str(text, schema).map_err(|error| LoadError {
-        diagnostics: vec![located(
-            &SourceFile {
-                name: name.to_owned(),
-                text: Arc::from(text),
-            },
-            &error,
-        )],
+    Entities::from_json_str(text, schema).map_err(|error| {
+        let file = SourceFile {
+            name: name.to_owned(),
+            text: Arc::from(text),
+        };
+        let mut diagnostic = located(&file, &error);
+        if diagnostic.location.is_none() {
+            diagnostic.location = locate_entity_error(text, &diagnostic.message);
+        }
+        LoadError {
+            diagnostics: vec![diagnostic],
+        }
     })
+}
+
+/// Cedar's entity errors carry no source span. Find the line anyway: from
+/// serde's `at line L column C`, or from the first entity uid the message
+/// names (`Type::"id"`), located at its `"id"` in the file.
+fn locate_entity_error(text: &str, message: &str) -> Option<(usize, usize)> {
+    if let Some(rest) = message.split(" at line ").nth(1) {
+        let mut words = rest.split_whitespace();
+        let line = words.next()?.parse().ok()?;
+        let column = match (words.next(), words.next()) {
+            (Some("column"), Some(column)) => column
+                .trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .unwrap_or(1),
+            _ => 1,
+        };
+        return Some((line, column.max(1)));
+    }
+    let start = message.find("::\"")? + 3;
+    let end = start + message.get(start..)?.find('"')?;
+    let id = serde_json::to_string(message.get(start..end)?).ok()?;
+    let mut from = 0;
+    while let Some(found) = text.get(from..).and_then(|rest| rest.find(&id)) {
+        let at = from + found;
+        let before = text.get(..at).unwrap_or("").trim_end();
+        if before.ends_with(':') && before.trim_end_matches(':').trim_end().ends_with("\"id\"") {
+            return Some(line_column(text, at));
+        }
+        from = at + id.len();
+    }
+    None
 }
 
 fn revision<'a>(parts: impl Iterator<Item = (&'a str, &'a str)>) -> Arc<str> {
@@ -478,7 +513,7 @@ fn policy_diagnostic(origin: Option<&&SourceFile>, error: &dyn Diagnostic) -> Lo
 
 /// Turns a Cedar diagnostic about `file` into a located, rendered one.
 fn located(file: &SourceFile, error: &dyn Diagnostic) -> LoadDiagnostic {
-    let mut message = error.to_string();
+    let mut message = super::error::error_chain(error);
     if let Some(help) = error.help() {
         message.push_str(&format!(" (help: {help})"));
     }
@@ -687,6 +722,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("no policies configured"), "{error}");
+    }
+
+    #[test]
+    fn entity_errors_name_the_entity_line_and_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "schema.cedarschema",
+            "entity User = { level: Long };\n",
+        );
+        write(
+            dir.path(),
+            "p.cedar",
+            "permit (principal, action, resource);\n",
+        );
+        write(
+            dir.path(),
+            "entities.json",
+            "[\n  {\"uid\": {\"type\": \"User\", \"id\": \"ann\"}, \"attrs\": {\"level\": 1}, \"parents\": []},\n  {\"uid\": {\"type\": \"User\",\n           \"id\": \"bo\"}, \"attrs\": {\"level\": \"high\"}, \"parents\": []}\n]\n",
+        );
+        write(dir.path(), "broken.json", "[\n  {\"uid\": \n");
+        let with = |entities: &str| Sources {
+            policies: Some(dir.path().join("p.cedar")),
+            schema: Some(dir.path().join("schema.cedarschema")),
+            entities: Some(dir.path().join(entities)),
+        };
+        let error = load(&with("entities.json"), LoadOptions::default()).unwrap_err();
+        let first = &error.diagnostics[0];
+        assert_eq!(first.location.map(|(line, _)| line), Some(4), "{first}");
+        assert!(
+            first.message.contains("level"),
+            "the cause is kept: {first}"
+        );
+        let error = load(&with("broken.json"), LoadOptions::default()).unwrap_err();
+        let first = &error.diagnostics[0];
+        assert!(first.location.is_some(), "{first}");
+        assert!(first.to_string().contains("broken.json:"), "{first}");
     }
 
     #[test]

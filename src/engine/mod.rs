@@ -134,7 +134,7 @@ impl Engine {
             None
         } else {
             let value: serde_json::Value = serde_json::from_str(input.context_json)
-                .map_err(|error| RequestError::invalid(RequestField::Context, error))?;
+                .map_err(|error| RequestError::invalid_because(RequestField::Context, &error))?;
             if !value.is_object() {
                 return Err(RequestError::invalid(
                     RequestField::Context,
@@ -179,13 +179,13 @@ impl Engine {
             None
         };
         let request = Request::new(principal, action, resource, context, request_schema)
-            .map_err(|error| RequestError::invalid(request_error_field(&error), error))?;
+            .map_err(|error| RequestError::invalid_because(request_error_field(&error), &error))?;
 
         let response = if has_overlay {
             let overlay = parse_overlay(input.entities_json, schema)?;
             let slice = snapshot.data.slice_with_overlay(roots, &overlay);
             let entities = Entities::from_entities(slice, None)
-                .map_err(|error| RequestError::invalid(RequestField::Entities, error))?;
+                .map_err(|error| RequestError::invalid_because(RequestField::Entities, &error))?;
             self.authorizer
                 .is_authorized(&request, &policies.policies, &entities)
         } else {
@@ -283,22 +283,22 @@ fn parse_context(
     // so `"10.0.0.1"` becomes an `ipaddr` where the schema says so.
     match (schema, validate_requests) {
         (Some(schema), true) => Context::from_json_value(value, Some((schema, action)))
-            .map_err(|error| RequestError::invalid(RequestField::Context, error)),
+            .map_err(|error| RequestError::invalid_because(RequestField::Context, &error)),
         (Some(schema), false) => {
             // Unvalidated requests may name actions the schema lacks: fall
             // back to schema-less parsing rather than refusing them.
             match Context::from_json_value(value.clone(), Some((schema, action))) {
                 Ok(context) => Ok(context),
                 Err(_) => Context::from_json_value(value, None)
-                    .map_err(|error| RequestError::invalid(RequestField::Context, error)),
+                    .map_err(|error| RequestError::invalid_because(RequestField::Context, &error)),
             }
         }
         (None, _) => Context::from_json_value(value, None)
-            .map_err(|error| RequestError::invalid(RequestField::Context, error)),
+            .map_err(|error| RequestError::invalid_because(RequestField::Context, &error)),
     }
 }
 
 fn parse_overlay(json: &str, schema: Option<&Schema>) -> Result<Entities, RequestError> {
     Entities::from_json_str(json, schema)
-        .map_err(|error| RequestError::invalid(RequestField::Entities, error))
+        .map_err(|error| RequestError::invalid_because(RequestField::Entities, &error))
 }
