@@ -21,6 +21,9 @@ pub(crate) struct CachedOutcome {
     pub errors: Vec<PolicyEvaluationError>,
 }
 
+/// The largest request (uids and context text) whose answer is cached.
+pub(crate) const MAX_KEY_BYTES: usize = 1024;
+
 #[derive(Debug)]
 pub(crate) struct DecisionCache {
     entries: moka::sync::Cache<Box<str>, Arc<CachedOutcome>>,
@@ -34,7 +37,10 @@ impl DecisionCache {
         })
     }
 
-    /// The cache key of a request, or `None` when it must not be cached.
+    /// The cache key of a request, or `None` when it must not be cached:
+    /// requests with request-scoped entities, and requests whose key would
+    /// exceed [`MAX_KEY_BYTES`] (so the cache's memory stays bounded by its
+    /// entry count).
     pub fn key(input: &CheckInput<'_>) -> Option<Box<str>> {
         if !input.entities_json.trim().is_empty() {
             return None;
@@ -49,7 +55,11 @@ impl DecisionCache {
             resource.id,
             input.context_json,
         ];
-        let mut key = String::with_capacity(parts.iter().map(|p| p.len() + 9).sum());
+        let length: usize = parts.iter().map(|p| p.len() + 9).sum();
+        if length > MAX_KEY_BYTES {
+            return None;
+        }
+        let mut key = String::with_capacity(length);
         // Length-prefixed, so no two different requests share a key.
         for part in parts {
             key.push_str(&part.len().to_string());
@@ -65,5 +75,47 @@ impl DecisionCache {
 
     pub fn insert(&self, key: Box<str>, outcome: CachedOutcome) {
         self.entries.insert(key, Arc::new(outcome));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::UidInput;
+
+    fn input<'a>(principal_id: &'a str, context_json: &'a str) -> CheckInput<'a> {
+        let uid = |type_name, id| Some(UidInput { type_name, id });
+        CheckInput {
+            principal: uid("User", principal_id),
+            action: uid("Action", "read"),
+            resource: uid("Doc", "d"),
+            context_json,
+            entities_json: "",
+        }
+    }
+
+    #[test]
+    fn keys_are_unambiguous() {
+        // Without length prefixes these two would collide.
+        let a = DecisionCache::key(&input("a:b", "")).unwrap();
+        let b = DecisionCache::key(&CheckInput {
+            action: Some(UidInput {
+                type_name: "b:Action",
+                id: "read",
+            }),
+            ..input("a", "")
+        })
+        .unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn overlays_and_large_requests_are_not_cached() {
+        let mut with_overlay = input("a", "{}");
+        with_overlay.entities_json = "[]x";
+        assert!(DecisionCache::key(&with_overlay).is_none());
+        let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(MAX_KEY_BYTES));
+        assert!(DecisionCache::key(&input("a", &big)).is_none());
+        assert!(DecisionCache::key(&input("a", "{}")).is_some());
     }
 }
