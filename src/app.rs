@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::adapter::authorizer::AuthorizerService;
+use crate::adapter::ext_authz::{self, ExtAuthzConfig, ExtAuthzError};
 use crate::admin::{self, AdminState};
 use crate::engine::{Engine, LoadError, LoadOptions, Sources};
 use crate::proto::v1::authorizer_server::AuthorizerServer;
@@ -31,6 +33,19 @@ pub struct ServeConfig {
     pub reload_interval: Duration,
     /// How long in-flight calls may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// `[ext_authz]`: serve `envoy.service.auth.v3.Authorization` with this
+    /// mapping (not served when absent).
+    pub ext_authz: Option<ExtAuthzConfig>,
+    /// A Unix-domain socket serving the same gRPC services.
+    pub uds: Option<UdsConfig>,
+}
+
+/// A Unix-domain-socket gRPC listener (Envoy sidecars often use one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdsConfig {
+    pub path: PathBuf,
+    /// File permissions of the socket [default: 0o660].
+    pub mode: u32,
 }
 
 impl Default for ServeConfig {
@@ -42,6 +57,8 @@ impl Default for ServeConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             reload_interval: Duration::from_millis(250),
             shutdown_grace: Duration::from_secs(20),
+            ext_authz: None,
+            uds: None,
         }
     }
 }
@@ -55,6 +72,13 @@ pub enum ServeError {
     },
     #[error("the policy set could not be loaded:\n{}", .0.render())]
     InitialLoad(LoadError),
+    #[error("cannot listen on `{path}`: {source}")]
+    BindUds {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid `[ext_authz]`: {0}")]
+    ExtAuthz(#[from] ExtAuthzError),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("internal task failed: {0}")]
@@ -67,6 +91,7 @@ pub struct Server {
     config: ServeConfig,
     grpc: TcpListener,
     admin: TcpListener,
+    uds: Option<tokio::net::UnixListener>,
 }
 
 impl Server {
@@ -84,10 +109,15 @@ impl Server {
                 addr: config.admin_listen,
                 source,
             })?;
+        let uds = match &config.uds {
+            Some(uds) => Some(bind_uds(uds)?),
+            None => None,
+        };
         Ok(Server {
             config,
             grpc,
             admin,
+            uds,
         })
     }
 
@@ -107,6 +137,7 @@ impl Server {
             config,
             grpc,
             admin,
+            uds,
         } = self;
         // The recorder must exist before any handle is registered.
         telemetry::prometheus();
@@ -130,14 +161,30 @@ impl Server {
             .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
         let (stop_tx, stop_rx) = watch::channel(false);
         let grpc_stop = wait_for_stop(stop_rx.clone());
-        let authorizer = AuthorizerService::new(engine.clone(), decision_metrics);
+        let authorizer = AuthorizerService::new(engine.clone(), decision_metrics.clone());
+        let mut routes = tonic::service::Routes::new(health_service)
+            .add_service(reflection)
+            .add_service(AuthorizerServer::new(authorizer));
+        if let Some(ext_authz) = &config.ext_authz {
+            let service = ext_authz.build(engine.clone(), decision_metrics.clone())?;
+            routes = routes.add_service(service.into_server());
+        }
         let grpc_server = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(reflection)
-                .add_service(AuthorizerServer::new(authorizer))
+                .add_routes(routes.clone())
                 .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop),
         );
+        // The same services on the Unix socket, drained with the TCP ones.
+        let uds_server = uds.map(|listener| {
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::UnixListenerStream::new(listener),
+                        wait_for_stop(stop_rx.clone()),
+                    ),
+            )
+        });
         let admin_state = AdminState {
             engine: engine.clone(),
             status: status.clone(),
@@ -217,10 +264,16 @@ impl Server {
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(config.shutdown_grace, async {
             let grpc = grpc_server.await;
+            if let Some(uds_server) = uds_server {
+                let _ = uds_server.await;
+            }
             let _ = admin_server.await;
             grpc
         })
         .await;
+        if let Some(uds) = &config.uds {
+            let _ = std::fs::remove_file(&uds.path);
+        }
         match drained {
             Ok(result) => result??,
             Err(_) => tracing::warn!(
@@ -238,6 +291,27 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
     reporter
         .set_service_status("arbiter.v1.Authorizer", status)
         .await;
+    reporter
+        .set_service_status(ext_authz::SERVICE_NAME, status)
+        .await;
+}
+
+/// Binds the Unix socket: a stale socket file from an earlier run is
+/// replaced (any other file is left alone and is an error), then the
+/// configured permissions are set.
+fn bind_uds(config: &UdsConfig) -> Result<tokio::net::UnixListener, ServeError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let error = |source| ServeError::BindUds {
+        path: config.path.clone(),
+        source,
+    };
+    if std::fs::symlink_metadata(&config.path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(&config.path).map_err(error)?;
+    }
+    let listener = tokio::net::UnixListener::bind(&config.path).map_err(error)?;
+    std::fs::set_permissions(&config.path, std::fs::Permissions::from_mode(config.mode))
+        .map_err(error)?;
+    Ok(listener)
 }
 
 /// Ends every open health `Watch` stream (after they were told NOT_SERVING).
@@ -245,6 +319,7 @@ async fn end_health_watches(mut reporter: tonic_health::server::HealthReporter) 
     tokio::task::yield_now().await;
     reporter.clear_service_status("").await;
     reporter.clear_service_status("arbiter.v1.Authorizer").await;
+    reporter.clear_service_status(ext_authz::SERVICE_NAME).await;
 }
 
 async fn wait_for_stop(mut stop: watch::Receiver<bool>) {

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::app::ServeConfig;
+use crate::adapter::ext_authz::ExtAuthzConfig;
+use crate::app::{ServeConfig, UdsConfig};
 use crate::engine::loader::DEFAULT_DECISION_CACHE_CAPACITY;
 use crate::engine::{LoadOptions, OnEvaluationError, Sources};
 
@@ -55,6 +56,12 @@ pub struct ServeArgs {
     /// How long in-flight calls may run after SIGTERM, in seconds [default: 20].
     #[arg(long, env = "ARBITER_SHUTDOWN_GRACE_SECS", value_name = "SECS")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Also serve gRPC (every service) on this Unix-domain socket.
+    #[arg(long, env = "ARBITER_LISTEN_UDS", value_name = "PATH")]
+    pub listen_uds: Option<PathBuf>,
+    /// Permissions of the Unix socket, in octal [default: 0660].
+    #[arg(long, env = "ARBITER_UDS_MODE", value_name = "MODE")]
+    pub uds_mode: Option<String>,
 }
 
 /// The `--config` file. Unknown keys are an error, so a typo is not ignored.
@@ -72,6 +79,10 @@ pub struct ConfigFile {
     pub decision_cache_size: Option<u64>,
     pub reload_interval_ms: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
+    pub listen_uds: Option<PathBuf>,
+    pub uds_mode: Option<String>,
+    /// Envoy ext_authz mapping (see the README).
+    pub ext_authz: Option<ExtAuthzConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +121,20 @@ impl ServeArgs {
                 let mut file = ConfigFile::read(path)?;
                 // Paths in the file are relative to the file.
                 let base = path.parent().unwrap_or(Path::new("."));
-                for p in [&mut file.policies, &mut file.schema, &mut file.entities] {
+                let jwks_file = file
+                    .ext_authz
+                    .as_mut()
+                    .and_then(|ext_authz| ext_authz.principal.jwt.as_mut())
+                    .and_then(|jwt| jwt.jwks_file.as_mut());
+                if let Some(path) = jwks_file.filter(|path| path.is_relative()) {
+                    *path = base.join(&*path);
+                }
+                for p in [
+                    &mut file.policies,
+                    &mut file.schema,
+                    &mut file.entities,
+                    &mut file.listen_uds,
+                ] {
                     if let Some(path) = p.as_mut().filter(|path| path.is_relative()) {
                         *path = base.join(&*path);
                     }
@@ -134,6 +158,16 @@ impl ServeArgs {
                 key: "reload_interval_ms",
             });
         }
+        let uds_mode = match self.uds_mode.as_ref().or(file.uds_mode.as_ref()) {
+            Some(text) => u32::from_str_radix(text.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|mode| *mode <= 0o777)
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: "uds_mode",
+                    message: format!("`{text}` is not an octal file mode such as 0660"),
+                })?,
+            None => 0o660,
+        };
         Ok(ServeConfig {
             sources: Sources {
                 policies: self.policies.clone().or(file.policies),
@@ -163,6 +197,15 @@ impl ServeArgs {
                 .or(file.shutdown_grace_secs)
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.shutdown_grace),
+            uds: self
+                .listen_uds
+                .clone()
+                .or(file.listen_uds)
+                .map(|path| UdsConfig {
+                    path,
+                    mode: uds_mode,
+                }),
+            ext_authz: file.ext_authz,
         })
     }
 }
@@ -190,6 +233,55 @@ mod tests {
         assert_eq!(config.sources.policies, Some(dir.path().join("p.cedar")));
         assert!(!config.load.validate_policies);
         assert!(config.load.validate_requests);
+    }
+
+    #[test]
+    fn ext_authz_and_uds_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arbiter.toml");
+        std::fs::write(
+            &path,
+            r#"
+listen_uds = "arbiter.sock"
+uds_mode = "0600"
+
+[ext_authz.principal]
+source = "jwt"
+type = "Saas::User"
+
+[ext_authz.principal.jwt]
+jwks_file = "jwks.json"
+issuers = ["https://idp.example"]
+audiences = ["arbiter"]
+
+[[ext_authz.routes]]
+path = "/documents/{id}"
+methods = ["GET"]
+action = { type = "Saas::Action", id = "read" }
+resource = { type = "Saas::Document", id = "{id}" }
+"#,
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        let uds = config.uds.unwrap();
+        assert_eq!(uds.path, dir.path().join("arbiter.sock"));
+        assert_eq!(uds.mode, 0o600);
+        let ext_authz = config.ext_authz.unwrap();
+        assert_eq!(
+            ext_authz.principal.jwt.unwrap().jwks_file,
+            Some(dir.path().join("jwks.json"))
+        );
+        assert_eq!(ext_authz.routes.len(), 1);
+
+        let bad = ServeArgs {
+            uds_mode: Some("999".into()),
+            ..ServeArgs::default()
+        };
+        assert!(bad.resolve().is_err());
     }
 
     #[test]

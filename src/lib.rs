@@ -3,14 +3,16 @@
 //! One request crosses the crate left to right, each room once:
 //!
 //! ```text
-//! gRPC ─▶ adapter (wire ⇄ domain) ─▶ engine::Engine::check ─▶ Decision ─▶ adapter ─▶ wire
+//! gRPC  ─▶ adapter (wire ⇄ domain) ─▶ engine::Engine::check ─▶ Decision ─▶ adapter ─▶ wire
+//! Envoy ─▶ adapter::ext_authz (mapping) ─▶ engine::Engine::check_with ─┘
 //!                                      │ reads Arc<Snapshot> (one atomic load)
 //!         reload (watch files) ────────┘ publishes a new Snapshot (atomic swap)
 //! ```
 //!
 //! Layout:
-//! - [`adapter`]: the only module that knows tonic and prost; errors become
-//!   gRPC statuses in [`adapter::status`].
+//! - [`adapter`]: the only module that knows tonic, prost and Envoy's types;
+//!   errors become gRPC statuses in [`adapter::status`]; Envoy's ext_authz
+//!   in [`adapter::ext_authz`].
 //! - [`engine`]: pure decisions: no IO, no await, no locks; loading lives in
 //!   [`engine::loader`], shared by the server and every CLI subcommand.
 //! - [`reload`]: hot reload of policy, schema and entity files.

@@ -22,6 +22,20 @@ command -v cargo >/dev/null 2>&1 || {
   exit 1
 }
 
+# The cross-language ext_authz check (tests/python/ext_authz_client.py, run
+# by tests/ext_authz.rs) uses Python's envoy-data-plane classes over grpcio.
+if ! command -v python3 >/dev/null 2>&1; then
+  echo "installing python3" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-pip >/dev/null
+fi
+if ! python3 -c 'import envoy_data_plane, grpc' >/dev/null 2>&1; then
+  echo "installing envoy-data-plane and grpcio (pip)" >&2
+  python3 -m pip install -q --disable-pip-version-check envoy-data-plane==2.2.0 grpcio ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages \
+      envoy-data-plane==2.2.0 grpcio
+fi
+
 # Every target, benches included (criterion runs each bench once as a test).
 cargo test --locked --all-targets -- --include-ignored
 cargo test --locked --doc

@@ -1,7 +1,8 @@
-//! Wire formats in, domain types out: the only layer that knows tonic and
-//! prost. Each adapter turns a wire request into an engine
+//! Wire formats in, domain types out: the only layer that knows tonic,
+//! prost and Envoy's types ([`ext_authz`]). Each adapter turns a wire request into an engine
 //! [`CheckInput`](crate::engine::CheckInput), asks the engine, and turns the
 //! [`Decision`](crate::engine::Decision) or error back into a wire answer.
 
 pub mod authorizer;
+pub mod ext_authz;
 pub mod status;

@@ -10,6 +10,7 @@ mod decision;
 mod decision_cache;
 mod error;
 pub mod loader;
+mod request_entities;
 mod snapshot;
 
 use std::sync::Arc;
@@ -17,13 +18,14 @@ use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, EntityId, EntityTypeName, EntityUid,
-    Request, Schema,
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, Request, Schema,
 };
 
 pub use decision::{Decision, PolicyEvaluationError};
 pub use error::{LoadDiagnostic, LoadError, RequestError, RequestField};
 pub use loader::{LoadOptions, LoadReport, OnEvaluationError, Sources};
+pub use request_entities::{EntityMerge, EntityRef, RequestEntities};
 pub use snapshot::{EntityData, PolicySnapshot, Snapshot};
 
 use snapshot::collect_uids;
@@ -77,6 +79,22 @@ impl Engine {
         self.check_against(snapshot, input)
     }
 
+    /// Decides one request with request-scoped entity data (for example
+    /// claims of a verified token) merged over the cached entities.
+    pub fn check_with(
+        &self,
+        input: &CheckInput<'_>,
+        scope: &RequestEntities,
+    ) -> Result<Decision, RequestError> {
+        let guard = self.current.load();
+        let snapshot = guard.as_deref().ok_or(RequestError::NotReady)?;
+        self.decide(
+            snapshot,
+            input,
+            Some(scope).filter(|scope| !scope.is_empty()),
+        )
+    }
+
     /// Decides several requests against one snapshot, so a batch is answered
     /// from one consistent state. Stops at the first malformed request and
     /// reports its index.
@@ -102,11 +120,28 @@ impl Engine {
         snapshot: &Snapshot,
         input: &CheckInput<'_>,
     ) -> Result<Decision, RequestError> {
+        self.decide(snapshot, input, None)
+    }
+
+    fn decide(
+        &self,
+        snapshot: &Snapshot,
+        input: &CheckInput<'_>,
+        scope: Option<&RequestEntities>,
+    ) -> Result<Decision, RequestError> {
         let started = Instant::now();
-        let cache_key = snapshot
-            .decisions
-            .as_ref()
-            .and_then(|_| decision_cache::DecisionCache::key(input));
+        // Request entities are part of the question: their canonical text is
+        // part of the key, so different claims never share an answer.
+        let cache_key = snapshot.decisions.as_ref().and_then(|_| {
+            let key = decision_cache::DecisionCache::key(input)?;
+            match scope {
+                None => Some(key),
+                Some(scope) => {
+                    let canonical = scope.canonical()?;
+                    Some(format!("{key}|{}:{canonical}", canonical.len()).into_boxed_str())
+                }
+            }
+        });
         let hit = match (&snapshot.decisions, &cache_key) {
             (Some(cache), Some(key)) => cache.get(key),
             _ => None,
@@ -152,7 +187,8 @@ impl Engine {
                 format!("action `{action}` is not declared in the schema"),
             ));
         }
-        let has_overlay = !input.entities_json.trim().is_empty();
+        let has_json_overlay = !input.entities_json.trim().is_empty();
+        let has_overlay = has_json_overlay || scope.is_some();
         let context_keys: Vec<String> = match (&context_value, has_overlay) {
             (Some(serde_json::Value::Object(fields)), true) => fields.keys().cloned().collect(),
             _ => Vec::new(),
@@ -182,7 +218,15 @@ impl Engine {
             .map_err(|error| RequestError::invalid_because(request_error_field(&error), &error))?;
 
         let response = if has_overlay {
-            let overlay = parse_overlay(input.entities_json, schema)?;
+            let overlay = if has_json_overlay {
+                parse_overlay(input.entities_json, schema)?
+            } else {
+                Entities::empty()
+            };
+            let overlay = match scope {
+                Some(scope) => merge_request_entities(&snapshot.data, overlay, scope, schema)?,
+                None => overlay,
+            };
             let slice = snapshot.data.slice_with_overlay(roots, &overlay);
             let entities = Entities::from_entities(slice, None)
                 .map_err(|error| RequestError::invalid_because(RequestField::Entities, &error))?;
@@ -301,4 +345,71 @@ fn parse_context(
 fn parse_overlay(json: &str, schema: Option<&Schema>) -> Result<Entities, RequestError> {
     Entities::from_json_str(json, schema)
         .map_err(|error| RequestError::invalid_because(RequestField::Entities, &error))
+}
+
+/// The overlay with each merge applied over the overlay's copy of the entity,
+/// else the store's, else a new entity. Only the merged entities are copied.
+fn merge_request_entities(
+    data: &EntityData,
+    overlay: Entities,
+    scope: &RequestEntities,
+    schema: Option<&Schema>,
+) -> Result<Entities, RequestError> {
+    let mut entities: Vec<Entity> = overlay.into_iter().collect();
+    for merge in &scope.merges {
+        let uid = parse_uid(
+            Some(UidInput {
+                type_name: &merge.uid.type_name,
+                id: &merge.uid.id,
+            }),
+            RequestField::Entities,
+        )?;
+        let position = entities.iter().position(|entity| entity.uid() == uid);
+        let base = match position {
+            Some(index) => Some(entities.swap_remove(index)),
+            None => data.entities.get(&uid).cloned(),
+        };
+        let mut json = match base {
+            Some(entity) => entity
+                .to_json_value()
+                .map_err(|error| RequestError::invalid(RequestField::Entities, error))?,
+            None => serde_json::json!({
+                "uid": {"type": merge.uid.type_name, "id": merge.uid.id},
+                "attrs": {},
+                "parents": [],
+            }),
+        };
+        if let Some(object) = json.as_object_mut() {
+            let attrs = object
+                .entry("attrs")
+                .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+            if let Some(attrs) = attrs.as_object_mut() {
+                for (name, value) in &merge.attrs {
+                    if merge.overwrite || !attrs.contains_key(name) {
+                        attrs.insert(name.clone(), value.clone());
+                    }
+                }
+            }
+            let parents = object
+                .entry("parents")
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+            if let Some(parents) = parents.as_array_mut() {
+                for parent in &merge.parents {
+                    let parent = serde_json::json!({"type": parent.type_name, "id": parent.id});
+                    if !parents.contains(&parent) {
+                        parents.push(parent);
+                    }
+                }
+            }
+        }
+        let entity = Entity::from_json_value(json, schema).map_err(|error| {
+            RequestError::invalid(
+                RequestField::Entities,
+                format!("entity `{uid}` with request data: {error}"),
+            )
+        })?;
+        entities.push(entity);
+    }
+    Entities::from_entities(entities, None)
+        .map_err(|error| RequestError::invalid(RequestField::Entities, error))
 }

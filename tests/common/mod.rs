@@ -34,6 +34,8 @@ pub fn config(sources: Sources) -> ServeConfig {
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         reload_interval: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(10),
+        ext_authz: None,
+        uds: None,
     }
 }
 

@@ -1,0 +1,1030 @@
+//! The ext_authz mapping: configuration (`[ext_authz]` in the TOML file)
+//! compiled once into a route table, and the per-request steps that turn an
+//! HTTP request into a Cedar question: path normalisation, route matching
+//! with captures, principal from claims, context fields.
+//!
+//! Invariants: a path is matched only after normalisation (percent-decoding
+//! once, dot segments, duplicate slashes), so `/documents/../admin` can never
+//! match `/documents/{id}`; an encoded `/`, `\` or NUL inside a segment is
+//! refused rather than guessed at; anything that cannot be mapped is an
+//! error, which the service turns into a deny.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::jwt::JwtConfig;
+use crate::engine::{EntityMerge, EntityRef};
+
+fn default_realm() -> String {
+    "arbiter".into()
+}
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_id_claim() -> String {
+    "sub".into()
+}
+fn default_metadata_filter() -> String {
+    "envoy.filters.http.jwt_authn".into()
+}
+fn default_metadata_key() -> String {
+    "jwt_payload".into()
+}
+fn default_decision_header() -> String {
+    "x-arbiter-decision-id".into()
+}
+
+/// `[ext_authz]`: how Envoy's `CheckRequest` becomes a Cedar request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtAuthzConfig {
+    /// Realm named in `WWW-Authenticate` challenges [default: "arbiter"].
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// Answer for a request that matches no route [default: deny].
+    #[serde(default)]
+    pub unmatched: Unmatched,
+    /// Largest total size of request header names and values; larger
+    /// requests are denied with 431 [default: 16384].
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Header carrying the decision id on every answer [default: "x-arbiter-decision-id"].
+    #[serde(default = "default_decision_header")]
+    pub decision_header: String,
+    pub principal: PrincipalConfig,
+    /// Context fields, in the order given.
+    #[serde(default)]
+    pub context: Vec<ContextFieldConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    #[default]
+    Deny,
+    Allow,
+}
+
+/// Where the principal comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrincipalSource {
+    /// A JWT already verified by Envoy's `jwt_authn` filter, read from
+    /// `metadata_context.filter_metadata[metadata_filter][metadata_key]`.
+    JwtAuthn,
+    /// A bearer JWT that Arbiter verifies itself (`[ext_authz.principal.jwt]`).
+    Jwt,
+    /// The mTLS peer identity (`source.principal`, a SPIFFE id).
+    Mtls,
+    /// A header set by a trusted gateway (which must strip it from clients).
+    Header,
+}
+
+/// `[ext_authz.principal]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalConfig {
+    pub source: PrincipalSource,
+    /// Entity type of the principal, e.g. `Saas::User`.
+    #[serde(rename = "type")]
+    pub entity_type: String,
+    /// Claim that gives the principal id [default: "sub"].
+    #[serde(default = "default_id_claim")]
+    pub id_claim: String,
+    /// Header that carries the principal id (source `header`).
+    pub header: Option<String>,
+    /// Filter name under `filter_metadata` [default: "envoy.filters.http.jwt_authn"].
+    #[serde(default = "default_metadata_filter")]
+    pub metadata_filter: String,
+    /// `payload_in_metadata` of the `jwt_authn` provider [default: "jwt_payload"].
+    #[serde(default = "default_metadata_key")]
+    pub metadata_key: String,
+    /// Token verification (source `jwt`).
+    pub jwt: Option<JwtConfig>,
+    /// Claims that become attributes of the principal for this request.
+    #[serde(default)]
+    pub attributes: Vec<ClaimAttributeConfig>,
+    /// Claims (strings or arrays of strings) that become parents.
+    #[serde(default)]
+    pub parents: Vec<ClaimParentConfig>,
+}
+
+/// A claim that becomes an attribute, as a string (or the claim's own JSON
+/// value) or, with `entity_type`, an entity reference.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimAttributeConfig {
+    /// Claim name; `a.b` reads nested objects.
+    pub claim: String,
+    pub attribute: String,
+    pub entity_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimParentConfig {
+    pub claim: String,
+    pub entity_type: String,
+}
+
+/// One context field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextFieldConfig {
+    /// Name in the Cedar context.
+    pub name: String,
+    pub from: ContextSource,
+    /// Header, query parameter or claim name (sources `header`, `query`, `claim`).
+    pub key: Option<String>,
+    /// The value (source `value`), in Cedar JSON.
+    pub value: Option<Value>,
+    /// Used when the header, parameter or claim is absent; without it the
+    /// field is left out.
+    pub default: Option<Value>,
+    /// How a header or query string is read [default: string].
+    #[serde(default, rename = "as")]
+    pub value_type: ValueType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContextSource {
+    /// The source address as an `ipaddr`.
+    SourceIp,
+    /// The request time, seconds since the Unix epoch (`Long`).
+    RequestTime,
+    /// Whether the client connection used TLS (`Bool`).
+    Tls,
+    Header,
+    Query,
+    Claim,
+    Value,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueType {
+    #[default]
+    String,
+    Long,
+    Bool,
+    Ipaddr,
+}
+
+/// `[[ext_authz.routes]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Exact host, `*.suffix`, or absent for any host (compared without port,
+    /// case-insensitively).
+    pub host: Option<String>,
+    /// Methods; empty means any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Path template: literal segments and `{capture}` segments.
+    pub path: String,
+    pub action: UidTemplateConfig,
+    pub resource: ResourceConfig,
+    /// Headers added to the upstream request on allow; values are templates
+    /// over captures and `principal.type`, `principal.id`, `decision_id`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UidTemplateConfig {
+    #[serde(rename = "type")]
+    pub entity_type: String,
+    /// Template over the route's captures, e.g. `{id}`.
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    #[serde(rename = "type")]
+    pub entity_type: String,
+    pub id: String,
+    /// Attributes of the resource: a string template, or an entity
+    /// `{ type = "...", id = "{capture}" }`. They fill in attributes the
+    /// cached resource lacks (or make up a resource that is not cached) and
+    /// never replace cached ones.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, AttributeTemplateConfig>,
+    #[serde(default)]
+    pub parents: Vec<UidTemplateConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum AttributeTemplateConfig {
+    String(String),
+    Entity(UidTemplateConfig),
+}
+
+/// A configuration that cannot be compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum MappingConfigError {
+    #[error("`ext_authz.routes[{route}].path`: {message}")]
+    Path { route: usize, message: String },
+    #[error(
+        "`ext_authz.routes[{route}]`: template `{template}` names `{name}`, which is not a capture"
+    )]
+    UnknownCapture {
+        route: usize,
+        template: String,
+        name: String,
+    },
+    #[error("`ext_authz.{field}`: {message}")]
+    Invalid { field: String, message: String },
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why a request could not be mapped. Every variant ends in a deny.
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    /// No credentials where the principal source expects them (401).
+    #[error("credentials are missing: {0}")]
+    MissingCredentials(String),
+    /// Credentials present but not acceptable (401).
+    #[error("credentials are invalid: {0}")]
+    InvalidCredentials(String),
+    /// The request headers are larger than allowed (431).
+    #[error("request headers take {size} bytes, more than {limit}")]
+    HeadersTooLarge { size: usize, limit: usize },
+    /// The request is not one that can be mapped (403).
+    #[error("{0}")]
+    Unmappable(String),
+}
+
+// --- templates ------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Part {
+    Literal(String),
+    Var(String),
+}
+
+/// A string with `{name}` placeholders.
+#[derive(Debug, Clone)]
+pub(crate) struct Template {
+    parts: Vec<Part>,
+}
+
+impl Template {
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_string()));
+            }
+            let after = &rest[open + 1..];
+            let close = after
+                .find('}')
+                .ok_or_else(|| format!("unclosed `{{` in `{text}`"))?;
+            let name = &after[..close];
+            if name.is_empty() || name.contains('{') {
+                return Err(format!("empty or nested placeholder in `{text}`"));
+            }
+            parts.push(Part::Var(name.to_string()));
+            rest = &after[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("unmatched `}}` in `{text}`"));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_string()));
+        }
+        Ok(Template { parts })
+    }
+
+    fn vars(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|part| match part {
+            Part::Var(name) => Some(name.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+
+    /// Renders with `lookup`; `None` when a variable has no value.
+    pub(crate) fn render<'a>(&self, lookup: impl Fn(&str) -> Option<&'a str>) -> Option<String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => out.push_str(text),
+                Part::Var(name) => out.push_str(lookup(name)?),
+            }
+        }
+        Some(out)
+    }
+}
+
+// --- compiled mapping -------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Segment {
+    Literal(String),
+    Capture(String),
+}
+
+#[derive(Debug, Clone)]
+enum HostMatch {
+    Any,
+    Exact(String),
+    Suffix(String),
+}
+
+impl HostMatch {
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Any => true,
+            HostMatch::Exact(exact) => host == exact,
+            HostMatch::Suffix(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct UidTemplate {
+    entity_type: String,
+    id: Template,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum AttributeTemplate {
+    String(Template),
+    Entity(UidTemplate),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    host: HostMatch,
+    methods: Vec<String>,
+    segments: Vec<Segment>,
+    action: UidTemplate,
+    resource: UidTemplate,
+    resource_attributes: BTreeMap<String, AttributeTemplate>,
+    resource_parents: Vec<UidTemplate>,
+    pub headers: Vec<(String, Template)>,
+}
+
+/// A route that matched, with its captures.
+#[derive(Debug)]
+pub(crate) struct Matched<'r> {
+    pub route: &'r Route,
+    pub captures: Vec<(String, String)>,
+}
+
+impl Matched<'_> {
+    pub fn capture(&self, name: &str) -> Option<&str> {
+        self.captures
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    fn render_uid(&self, template: &UidTemplate) -> Result<EntityRef, MappingError> {
+        let id = template
+            .id
+            .render(|name| self.capture(name))
+            .ok_or_else(|| MappingError::Unmappable("a capture has no value".into()))?;
+        Ok(EntityRef::new(template.entity_type.clone(), id))
+    }
+
+    pub fn action(&self) -> Result<EntityRef, MappingError> {
+        self.render_uid(&self.route.action)
+    }
+
+    pub fn resource(&self) -> Result<EntityRef, MappingError> {
+        self.render_uid(&self.route.resource)
+    }
+
+    /// Attributes and parents the route gives the resource (possibly
+    /// none). They fill in what the cached resource lacks and never replace
+    /// cached attributes: a URL must not move a stored resource to another
+    /// tenant.
+    pub fn resource_merge(&self, uid: EntityRef) -> Result<EntityMerge, MappingError> {
+        let mut merge = EntityMerge::fill_in(uid);
+        for (name, template) in &self.route.resource_attributes {
+            let value = match template {
+                AttributeTemplate::String(template) => Value::String(
+                    template
+                        .render(|name| self.capture(name))
+                        .ok_or_else(|| MappingError::Unmappable("a capture has no value".into()))?,
+                ),
+                AttributeTemplate::Entity(template) => entity_json(&self.render_uid(template)?),
+            };
+            merge.attrs.insert(name.clone(), value);
+        }
+        for parent in &self.route.resource_parents {
+            merge.parents.push(self.render_uid(parent)?);
+        }
+        Ok(merge)
+    }
+}
+
+fn entity_json(uid: &EntityRef) -> Value {
+    json!({"__entity": {"type": uid.type_name, "id": uid.id}})
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ContextField {
+    name: String,
+    source: ContextSource,
+    key: String,
+    value: Option<Value>,
+    default: Option<Value>,
+    value_type: ValueType,
+}
+
+/// Inputs of the context, taken from the `CheckRequest` by the service.
+#[derive(Debug, Default)]
+pub(crate) struct RequestFacts<'a> {
+    pub source_ip: Option<IpAddr>,
+    pub request_time: Option<i64>,
+    pub tls: bool,
+    pub headers: Option<&'a HashMap<String, String>>,
+    pub query: &'a [(String, String)],
+    pub claims: Option<&'a Value>,
+}
+
+/// The compiled `[ext_authz]` table.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    pub(crate) realm: String,
+    pub(crate) unmatched: Unmatched,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) decision_header: String,
+    pub(crate) principal: PrincipalConfig,
+    context: Vec<ContextField>,
+    routes: Vec<Route>,
+}
+
+const HEADER_VARS: [&str; 3] = ["principal.type", "principal.id", "decision_id"];
+
+impl Mapping {
+    pub fn compile(config: &ExtAuthzConfig) -> Result<Self, MappingConfigError> {
+        let principal = &config.principal;
+        let invalid = |field: &str, message: &str| MappingConfigError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        };
+        check_type(&principal.entity_type, "principal.type")?;
+        match principal.source {
+            PrincipalSource::Header if principal.header.is_none() => {
+                return Err(invalid(
+                    "principal.header",
+                    "is required for source `header`",
+                ));
+            }
+            PrincipalSource::Jwt if principal.jwt.is_none() => {
+                return Err(invalid(
+                    "principal.jwt",
+                    "is required for source `jwt` (jwks_file or jwks_url, issuers, audiences)",
+                ));
+            }
+            _ => {}
+        }
+        for attribute in &principal.attributes {
+            if let Some(entity_type) = &attribute.entity_type {
+                check_type(entity_type, "principal.attributes.entity_type")?;
+            }
+        }
+        for parent in &principal.parents {
+            check_type(&parent.entity_type, "principal.parents.entity_type")?;
+        }
+        let mut context = Vec::new();
+        for field in &config.context {
+            let needs_key = matches!(
+                field.from,
+                ContextSource::Header | ContextSource::Query | ContextSource::Claim
+            );
+            let key = match (&field.key, needs_key) {
+                (Some(key), true) => key.clone(),
+                (None, true) => {
+                    return Err(invalid(
+                        &format!("context `{}`", field.name),
+                        "`key` is required for sources header, query and claim",
+                    ));
+                }
+                (_, false) => String::new(),
+            };
+            if field.from == ContextSource::Value && field.value.is_none() {
+                return Err(invalid(
+                    &format!("context `{}`", field.name),
+                    "`value` is required for source value",
+                ));
+            }
+            context.push(ContextField {
+                name: field.name.clone(),
+                source: field.from,
+                // Envoy hands headers over lower-cased.
+                key: if field.from == ContextSource::Header {
+                    key.to_ascii_lowercase()
+                } else {
+                    key
+                },
+                value: field.value.clone(),
+                default: field.default.clone(),
+                value_type: field.value_type,
+            });
+        }
+        let mut routes = Vec::new();
+        for (index, route) in config.routes.iter().enumerate() {
+            routes.push(compile_route(index, route)?);
+        }
+        Ok(Mapping {
+            realm: config.realm.clone(),
+            unmatched: config.unmatched,
+            max_header_bytes: config.max_header_bytes,
+            decision_header: config.decision_header.to_ascii_lowercase(),
+            principal: principal.clone(),
+            context,
+            routes,
+        })
+    }
+
+    /// The first route that matches, in configuration order.
+    pub(crate) fn route<'m>(
+        &'m self,
+        host: &str,
+        method: &str,
+        segments: &[String],
+    ) -> Option<Matched<'m>> {
+        let host = host_without_port(host).to_ascii_lowercase();
+        self.routes.iter().find_map(|route| {
+            if !route.host.matches(&host) {
+                return None;
+            }
+            if !route.methods.is_empty() && !route.methods.iter().any(|m| m == method) {
+                return None;
+            }
+            if route.segments.len() != segments.len() {
+                return None;
+            }
+            let mut captures = Vec::new();
+            for (pattern, segment) in route.segments.iter().zip(segments) {
+                match pattern {
+                    Segment::Literal(literal) if literal == segment => {}
+                    Segment::Literal(_) => return None,
+                    Segment::Capture(name) => captures.push((name.clone(), segment.clone())),
+                }
+            }
+            Some(Matched { route, captures })
+        })
+    }
+
+    /// The principal uid and its request-scoped attributes and parents from
+    /// verified claims.
+    pub(crate) fn principal_from_claims(
+        &self,
+        claims: &Value,
+    ) -> Result<(EntityRef, EntityMerge), MappingError> {
+        let principal = &self.principal;
+        let id = match claim(claims, &principal.id_claim) {
+            Some(Value::String(id)) if !id.is_empty() => id.clone(),
+            Some(Value::Number(number)) => number.to_string(),
+            _ => {
+                return Err(MappingError::InvalidCredentials(format!(
+                    "the token has no `{}` claim",
+                    principal.id_claim
+                )));
+            }
+        };
+        let uid = EntityRef::new(principal.entity_type.clone(), id);
+        let mut merge = EntityMerge::new(uid.clone());
+        for attribute in &principal.attributes {
+            let Some(value) = claim(claims, &attribute.claim) else {
+                continue;
+            };
+            let value = match (&attribute.entity_type, value) {
+                (Some(entity_type), Value::String(id)) => {
+                    entity_json(&EntityRef::new(entity_type.clone(), id.clone()))
+                }
+                (Some(_), _) => {
+                    return Err(MappingError::InvalidCredentials(format!(
+                        "claim `{}` must be a string",
+                        attribute.claim
+                    )));
+                }
+                (None, value) => value.clone(),
+            };
+            merge.attrs.insert(attribute.attribute.clone(), value);
+        }
+        for parent in &principal.parents {
+            let ids: Vec<&str> = match claim(claims, &parent.claim) {
+                None => Vec::new(),
+                Some(Value::String(id)) => id.split(' ').filter(|id| !id.is_empty()).collect(),
+                Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+                Some(_) => {
+                    return Err(MappingError::InvalidCredentials(format!(
+                        "claim `{}` must be a string or an array of strings",
+                        parent.claim
+                    )));
+                }
+            };
+            for id in ids {
+                merge
+                    .parents
+                    .push(EntityRef::new(parent.entity_type.clone(), id));
+            }
+        }
+        Ok((uid, merge))
+    }
+
+    /// The Cedar context (JSON) for one request.
+    pub(crate) fn context(&self, facts: &RequestFacts<'_>) -> Result<Value, MappingError> {
+        let mut context = serde_json::Map::new();
+        for field in &self.context {
+            let value = match field.source {
+                ContextSource::SourceIp => facts.source_ip.map(|ip| ip_json(&ip.to_string())),
+                ContextSource::RequestTime => facts.request_time.map(Value::from),
+                ContextSource::Tls => Some(Value::Bool(facts.tls)),
+                ContextSource::Value => field.value.clone(),
+                ContextSource::Claim => facts
+                    .claims
+                    .and_then(|claims| claim(claims, &field.key))
+                    .cloned(),
+                ContextSource::Header => match facts.headers.and_then(|h| h.get(&field.key)) {
+                    Some(text) => Some(typed(text, field)?),
+                    None => None,
+                },
+                ContextSource::Query => {
+                    match facts.query.iter().find(|(key, _)| *key == field.key) {
+                        Some((_, text)) => Some(typed(text, field)?),
+                        None => None,
+                    }
+                }
+            };
+            if let Some(value) = value.or_else(|| field.default.clone()) {
+                context.insert(field.name.clone(), value);
+            }
+        }
+        Ok(Value::Object(context))
+    }
+}
+
+fn typed(text: &str, field: &ContextField) -> Result<Value, MappingError> {
+    let bad = || {
+        MappingError::Unmappable(format!(
+            "context `{}`: `{text}` is not a {:?}",
+            field.name, field.value_type
+        ))
+    };
+    Ok(match field.value_type {
+        ValueType::String => Value::String(text.to_string()),
+        ValueType::Long => Value::from(text.trim().parse::<i64>().map_err(|_| bad())?),
+        ValueType::Bool => Value::Bool(text.trim().parse::<bool>().map_err(|_| bad())?),
+        ValueType::Ipaddr => {
+            let ip: IpAddr = text.trim().parse().map_err(|_| bad())?;
+            ip_json(&ip.to_string())
+        }
+    })
+}
+
+fn ip_json(ip: &str) -> Value {
+    json!({"__extn": {"fn": "ip", "arg": ip}})
+}
+
+/// A claim by name; `a.b` reads a nested object when there is no claim
+/// named `a.b` itself.
+fn claim<'v>(claims: &'v Value, name: &str) -> Option<&'v Value> {
+    if let Some(value) = claims.get(name) {
+        return Some(value);
+    }
+    let mut value = claims;
+    for part in name.split('.') {
+        value = value.get(part)?;
+    }
+    Some(value)
+}
+
+fn check_type(entity_type: &str, field: &str) -> Result<(), MappingConfigError> {
+    entity_type
+        .parse::<cedar_policy::EntityTypeName>()
+        .map(|_| ())
+        .map_err(|error| MappingConfigError::Invalid {
+            field: field.into(),
+            message: format!("`{entity_type}` is not an entity type: {error}"),
+        })
+}
+
+fn compile_uid(
+    index: usize,
+    config: &UidTemplateConfig,
+    captures: &[String],
+    field: &str,
+) -> Result<UidTemplate, MappingConfigError> {
+    check_type(
+        &config.entity_type,
+        &format!("routes[{index}].{field}.type"),
+    )?;
+    let id = Template::parse(&config.id).map_err(|message| MappingConfigError::Invalid {
+        field: format!("routes[{index}].{field}.id"),
+        message,
+    })?;
+    check_vars(index, &config.id, &id, captures, &[])?;
+    Ok(UidTemplate {
+        entity_type: config.entity_type.clone(),
+        id,
+    })
+}
+
+fn check_vars(
+    index: usize,
+    text: &str,
+    template: &Template,
+    captures: &[String],
+    extra: &[&str],
+) -> Result<(), MappingConfigError> {
+    for name in template.vars() {
+        if !captures.iter().any(|c| c == name) && !extra.contains(&name) {
+            return Err(MappingConfigError::UnknownCapture {
+                route: index,
+                template: text.into(),
+                name: name.into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn compile_route(index: usize, route: &RouteConfig) -> Result<Route, MappingConfigError> {
+    let path_error = |message: String| MappingConfigError::Path {
+        route: index,
+        message,
+    };
+    if !route.path.starts_with('/') {
+        return Err(path_error(format!("`{}` must start with `/`", route.path)));
+    }
+    let mut segments = Vec::new();
+    let mut captures: Vec<String> = Vec::new();
+    for segment in route.path.split('/').filter(|s| !s.is_empty()) {
+        if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            if name.is_empty() || name.contains(['{', '}']) {
+                return Err(path_error(format!("bad capture `{segment}`")));
+            }
+            if captures.iter().any(|c| c == name) {
+                return Err(path_error(format!("capture `{name}` appears twice")));
+            }
+            captures.push(name.to_string());
+            segments.push(Segment::Capture(name.to_string()));
+        } else if segment.contains(['{', '}']) {
+            return Err(path_error(format!(
+                "`{segment}`: a capture must be a whole segment"
+            )));
+        } else if segment == "." || segment == ".." || segment.contains('%') {
+            return Err(path_error(format!(
+                "`{segment}`: templates are written normalised (no dot segments, no percent-encoding)"
+            )));
+        } else {
+            segments.push(Segment::Literal(segment.to_string()));
+        }
+    }
+    let host = match route.host.as_deref().map(str::to_ascii_lowercase) {
+        None => HostMatch::Any,
+        Some(host) if host == "*" => HostMatch::Any,
+        Some(host) => match host.strip_prefix('*') {
+            Some(suffix) if suffix.starts_with('.') => HostMatch::Suffix(suffix.to_string()),
+            Some(_) => {
+                return Err(MappingConfigError::Invalid {
+                    field: format!("routes[{index}].host"),
+                    message: format!("`{host}`: only `*.suffix` wildcards are supported"),
+                });
+            }
+            None => HostMatch::Exact(host),
+        },
+    };
+    let mut resource_attributes = BTreeMap::new();
+    for (name, attribute) in &route.resource.attributes {
+        let compiled = match attribute {
+            AttributeTemplateConfig::String(text) => {
+                let template =
+                    Template::parse(text).map_err(|message| MappingConfigError::Invalid {
+                        field: format!("routes[{index}].resource.attributes.{name}"),
+                        message,
+                    })?;
+                check_vars(index, text, &template, &captures, &[])?;
+                AttributeTemplate::String(template)
+            }
+            AttributeTemplateConfig::Entity(uid) => AttributeTemplate::Entity(compile_uid(
+                index,
+                uid,
+                &captures,
+                &format!("resource.attributes.{name}"),
+            )?),
+        };
+        resource_attributes.insert(name.clone(), compiled);
+    }
+    let mut resource_parents = Vec::new();
+    for parent in &route.resource.parents {
+        resource_parents.push(compile_uid(index, parent, &captures, "resource.parents")?);
+    }
+    let mut headers = Vec::new();
+    for (name, text) in &route.headers {
+        let template = Template::parse(text).map_err(|message| MappingConfigError::Invalid {
+            field: format!("routes[{index}].headers.{name}"),
+            message,
+        })?;
+        check_vars(index, text, &template, &captures, &HEADER_VARS)?;
+        headers.push((name.to_ascii_lowercase(), template));
+    }
+    Ok(Route {
+        host,
+        methods: route
+            .methods
+            .iter()
+            .map(|m| m.to_ascii_uppercase())
+            .collect(),
+        segments,
+        action: compile_uid(index, &route.action, &captures, "action")?,
+        resource: compile_uid(
+            index,
+            &UidTemplateConfig {
+                entity_type: route.resource.entity_type.clone(),
+                id: route.resource.id.clone(),
+            },
+            &captures,
+            "resource",
+        )?,
+        resource_attributes,
+        resource_parents,
+        headers,
+    })
+}
+
+fn host_without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port
+        return host.split_once(']').map_or(host, |(v6, _)| &v6[1..]);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+// --- paths ------------------------------------------------------------------
+
+/// A request target split into normalised path segments and decoded query
+/// parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormalisedTarget {
+    pub segments: Vec<String>,
+    pub query: Vec<(String, String)>,
+}
+
+impl NormalisedTarget {
+    pub fn path(&self) -> String {
+        let mut path = String::from("/");
+        path.push_str(&self.segments.join("/"));
+        path
+    }
+}
+
+/// Normalises a request target (`:path`, query included): drops the
+/// fragment, collapses duplicate slashes, percent-decodes each segment once,
+/// and resolves `.` and `..` (also when encoded as `%2e`). A segment that
+/// decodes to something containing `/`, `\` or NUL, or that is not UTF-8,
+/// is refused.
+pub fn normalise(target: &str) -> Result<NormalisedTarget, MappingError> {
+    let target = target.split_once('#').map_or(target, |(before, _)| before);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if !path.starts_with('/') {
+        return Err(MappingError::Unmappable(format!(
+            "the path `{path}` does not start with `/`"
+        )));
+    }
+    let mut segments: Vec<String> = Vec::new();
+    for raw in path.split('/') {
+        if raw.is_empty() {
+            continue;
+        }
+        let bytes = percent_decode(raw.as_bytes(), false)
+            .ok_or_else(|| MappingError::Unmappable(format!("bad percent-encoding in `{raw}`")))?;
+        let segment = String::from_utf8(bytes)
+            .map_err(|_| MappingError::Unmappable(format!("`{raw}` is not UTF-8")))?;
+        if segment.contains(['/', '\\', '\0']) {
+            return Err(MappingError::Unmappable(format!(
+                "the segment `{raw}` encodes a separator or NUL"
+            )));
+        }
+        match segment.as_str() {
+            "." => {}
+            ".." => {
+                segments.pop();
+            }
+            _ => segments.push(segment),
+        }
+    }
+    let mut params = Vec::new();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |text: &str| {
+            percent_decode(text.as_bytes(), true)
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .ok_or_else(|| {
+                    MappingError::Unmappable(format!("bad percent-encoding in the query `{text}`"))
+                })
+        };
+        params.push((decode(key)?, decode(value)?));
+    }
+    Ok(NormalisedTarget {
+        segments,
+        query: params,
+    })
+}
+
+fn percent_decode(input: &[u8], plus_is_space: bool) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        match input[i] {
+            b'%' => {
+                let hex = input.get(i + 1..i + 3)?;
+                let text = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(text, 16).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segments(path: &str) -> Vec<String> {
+        normalise(path).unwrap().segments
+    }
+
+    #[test]
+    fn normalisation() {
+        assert_eq!(segments("/documents/../admin"), ["admin"]);
+        assert_eq!(segments("//documents///x/"), ["documents", "x"]);
+        assert_eq!(segments("/documents/%2e%2E/admin"), ["admin"]);
+        assert_eq!(segments("/a/./b/%41?x=1"), ["a", "b", "A"]);
+        assert_eq!(segments("/../../etc"), ["etc"]);
+        assert_eq!(segments("/doc%20one"), ["doc one"]);
+        assert!(normalise("/a%2Fb").is_err());
+        assert!(normalise("/a%5Cb").is_err());
+        assert!(normalise("/a%00").is_err());
+        assert!(normalise("/a%zz").is_err());
+        assert!(normalise("/a%").is_err());
+        assert!(normalise("/%ff").is_err());
+        assert!(normalise("relative").is_err());
+        let target = normalise("/x?a=1&b=two+words&c=%26&a=2#frag").unwrap();
+        assert_eq!(
+            target.query,
+            [
+                ("a".to_string(), "1".to_string()),
+                ("b".into(), "two words".into()),
+                ("c".into(), "&".into()),
+                ("a".into(), "2".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn templates() {
+        let t = Template::parse("{tenant}/{id}.x").unwrap();
+        let out = t.render(|name| match name {
+            "tenant" => Some("acme"),
+            "id" => Some("7"),
+            _ => None,
+        });
+        assert_eq!(out.as_deref(), Some("acme/7.x"));
+        assert!(Template::parse("{a").is_err());
+        assert!(Template::parse("a}").is_err());
+        assert!(Template::parse("{}").is_err());
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(host_without_port("Example.com:8080"), "Example.com");
+        assert_eq!(host_without_port("[::1]:443"), "::1");
+        assert_eq!(host_without_port("example.com"), "example.com");
+        assert!(HostMatch::Suffix(".example.com".into()).matches("a.example.com"));
+        assert!(!HostMatch::Suffix(".example.com".into()).matches("example.com"));
+    }
+}

@@ -1,0 +1,679 @@
+//! `envoy.service.auth.v3.Authorization/Check`: Envoy's (and Istio's)
+//! external authorizer, answered with Cedar decisions.
+//!
+//! One call: the HTTP attributes are mapped by the compiled [`Mapping`]
+//! (route → action and resource, principal source → principal and its
+//! request-scoped attributes, context fields), the engine decides with
+//! [`Engine::check_with`], and the decision becomes an `OkHttpResponse` or a
+//! `DeniedHttpResponse`.
+//!
+//! Invariants:
+//! - fail closed: a mapping failure, a missing or invalid credential, an
+//!   unmatched route (unless `unmatched = "allow"`), a malformed Cedar request
+//!   and any evaluation error all deny; a well-formed `CheckRequest` never
+//!   gets a gRPC error, always an HTTP answer for Envoy to send;
+//! - deny bodies carry the decision id and a fixed reason word, never
+//!   internal details (those go to the debug log with the decision id);
+//! - headers Arbiter adds upstream overwrite any the client sent.
+
+pub mod jwt;
+pub mod mapping;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::address::Address;
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value as PbValue, value::Kind};
+use envoy_types::pb::google::rpc;
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+
+pub use jwt::{JwksError, JwtConfig, JwtVerifier};
+pub use mapping::{ExtAuthzConfig, Mapping, MappingConfigError, MappingError, normalise};
+
+use crate::engine::{CheckInput, Decision, Engine, EntityRef, RequestEntities, UidInput};
+use crate::telemetry::DecisionMetrics;
+use mapping::{PrincipalSource, RequestFacts, Unmatched};
+
+/// The gRPC service name, for health checks.
+pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
+
+// gRPC codes in `CheckResponse.status`, as Envoy reads them.
+const OK: i32 = 0;
+const PERMISSION_DENIED: i32 = 7;
+const UNAUTHENTICATED: i32 = 16;
+
+/// An `[ext_authz]` table that cannot be built into a service.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtAuthzError {
+    #[error(transparent)]
+    Mapping(#[from] MappingConfigError),
+    #[error("`ext_authz.principal.jwt`: {0}")]
+    Jwks(#[from] JwksError),
+}
+
+/// Serves `Check` from the engine's current snapshot.
+#[derive(Debug, Clone)]
+pub struct ExtAuthzService {
+    engine: Arc<Engine>,
+    metrics: Arc<DecisionMetrics>,
+    mapping: Arc<Mapping>,
+    jwt: Option<Arc<JwtVerifier>>,
+    jwt_header: String,
+}
+
+impl ExtAuthzConfig {
+    /// Compiles the mapping and, for source `jwt`, loads the keys and starts
+    /// their refresh (so this must run inside a Tokio runtime).
+    pub fn build(
+        &self,
+        engine: Arc<Engine>,
+        metrics: Arc<DecisionMetrics>,
+    ) -> Result<ExtAuthzService, ExtAuthzError> {
+        let mapping = Mapping::compile(self)?;
+        let (jwt, jwt_header) = match (&self.principal.source, &self.principal.jwt) {
+            (PrincipalSource::Jwt, Some(config)) => {
+                let verifier = JwtVerifier::build(config)?;
+                verifier.spawn_refresh();
+                let header = verifier.header();
+                (Some(verifier), header)
+            }
+            _ => (None, String::new()),
+        };
+        Ok(ExtAuthzService {
+            engine,
+            metrics,
+            mapping: Arc::new(mapping),
+            jwt,
+            jwt_header,
+        })
+    }
+}
+
+/// The principal of one request.
+struct Principal {
+    uid: EntityRef,
+    claims: Option<Arc<jwt::VerifiedToken>>,
+    scope: Option<crate::engine::EntityMerge>,
+    metadata_claims: Option<Value>,
+}
+
+impl Principal {
+    fn claims(&self) -> Option<&Value> {
+        self.claims
+            .as_ref()
+            .map(|token| &token.claims)
+            .or(self.metadata_claims.as_ref())
+    }
+}
+
+/// What one ext_authz call decided, with what the decision log needs:
+/// the place where a `DecisionLogger` (transport `ext_authz`) plugs in.
+#[derive(Debug)]
+pub struct Decided<'a> {
+    pub decision_id: &'a str,
+    pub allowed: bool,
+    /// The engine's decision, when the request got that far.
+    pub decision: Option<&'a Decision>,
+    pub principal: Option<&'a EntityRef>,
+    pub action: Option<&'a EntityRef>,
+    pub resource: Option<&'a EntityRef>,
+    /// Why the request was denied before evaluation (mapping, credentials).
+    pub mapping_error: Option<&'a MappingError>,
+    /// The caller as Envoy saw it (`source` address).
+    pub peer: Option<&'a str>,
+    /// W3C trace context of the HTTP request.
+    pub traceparent: Option<&'a str>,
+}
+
+impl ExtAuthzService {
+    pub fn into_server(self) -> AuthorizationServer<Self> {
+        AuthorizationServer::new(self)
+    }
+
+    /// Every decision passes here once. Decision logging hooks in here.
+    fn decided(&self, decided: &Decided<'_>) {
+        tracing::debug!(
+            decision_id = decided.decision_id,
+            allowed = decided.allowed,
+            principal = ?decided.principal,
+            action = ?decided.action,
+            resource = ?decided.resource,
+            error = decided.mapping_error.map(tracing::field::display),
+            peer = decided.peer,
+            "ext_authz decision"
+        );
+    }
+
+    /// Answers one `CheckRequest`; never fails.
+    pub async fn answer(&self, request: &CheckRequest) -> CheckResponse {
+        let attributes = request.attributes.as_ref();
+        let peer = attributes.and_then(source_address);
+        let http = attributes
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
+        let headers = http.map(headers_of);
+        let traceparent = headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .map(String::as_str);
+
+        let mut principal_uid = None;
+        let mut action = None;
+        let mut resource = None;
+        let outcome = self
+            .evaluate(
+                attributes,
+                http,
+                headers.as_deref(),
+                &mut principal_uid,
+                &mut action,
+                &mut resource,
+            )
+            .await;
+        let (response, decision_id) = match &outcome {
+            Ok(Evaluated::Decision(decision, route_headers)) => {
+                self.metrics.record(decision);
+                let response = if decision.allowed {
+                    self.allow(
+                        &decision.decision_id,
+                        route_headers,
+                        decision,
+                        principal_uid.as_ref(),
+                    )
+                } else {
+                    self.deny(&decision.decision_id, Denial::Forbidden)
+                };
+                (response, decision.decision_id.clone())
+            }
+            Ok(Evaluated::UnmatchedAllow) => {
+                let id = uuid::Uuid::now_v7().to_string();
+                (self.allow_unmatched(&id), id)
+            }
+            Err(error) => {
+                self.metrics.record_rejected();
+                let id = uuid::Uuid::now_v7().to_string();
+                let denial = match error {
+                    Failure::Mapping(MappingError::MissingCredentials(_)) => Denial::Missing,
+                    Failure::Mapping(MappingError::InvalidCredentials(_)) => Denial::Invalid,
+                    Failure::Mapping(MappingError::HeadersTooLarge { .. }) => Denial::TooLarge,
+                    Failure::Mapping(MappingError::Unmappable(_)) | Failure::Engine(_) => {
+                        Denial::Forbidden
+                    }
+                };
+                (self.deny(&id, denial), id)
+            }
+        };
+        let (decision, mapping_error) = match &outcome {
+            Ok(Evaluated::Decision(decision, _)) => (Some(decision), None),
+            Ok(Evaluated::UnmatchedAllow) => (None, None),
+            Err(Failure::Mapping(error)) => (None, Some(error)),
+            Err(Failure::Engine(error)) => {
+                tracing::debug!(decision_id, %error, "ext_authz request refused by the engine");
+                (None, None)
+            }
+        };
+        self.decided(&Decided {
+            decision_id: &decision_id,
+            allowed: response.status.as_ref().is_some_and(|s| s.code == OK),
+            decision,
+            principal: principal_uid.as_ref(),
+            action: action.as_ref(),
+            resource: resource.as_ref(),
+            mapping_error,
+            peer: peer.as_deref(),
+            traceparent,
+        });
+        response
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn evaluate(
+        &self,
+        attributes: Option<&AttributeContext>,
+        http: Option<&HttpRequest>,
+        headers: Option<&HashMap<String, String>>,
+        principal_uid: &mut Option<EntityRef>,
+        action_out: &mut Option<EntityRef>,
+        resource_out: &mut Option<EntityRef>,
+    ) -> Result<Evaluated, Failure> {
+        let mapping = &*self.mapping;
+        let (Some(attributes), Some(http), Some(headers)) = (attributes, http, headers) else {
+            return Err(MappingError::Unmappable("no HTTP request attributes".into()).into());
+        };
+        let size: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > mapping.max_header_bytes {
+            return Err(MappingError::HeadersTooLarge {
+                size,
+                limit: mapping.max_header_bytes,
+            }
+            .into());
+        }
+        let target = normalise(&http.path)?;
+        let host = if http.host.is_empty() {
+            headers
+                .get(":authority")
+                .or_else(|| headers.get("host"))
+                .map_or("", String::as_str)
+        } else {
+            http.host.as_str()
+        };
+        let Some(matched) = mapping.route(host, &http.method, &target.segments) else {
+            return match mapping.unmatched {
+                Unmatched::Allow => Ok(Evaluated::UnmatchedAllow),
+                Unmatched::Deny => Err(MappingError::Unmappable(format!(
+                    "no route for {} {}",
+                    http.method,
+                    target.path()
+                ))
+                .into()),
+            };
+        };
+        let principal = self.principal(attributes, headers).await?;
+        *principal_uid = Some(principal.uid.clone());
+        let action = matched.action()?;
+        let resource = matched.resource()?;
+        let resource_merge = matched.resource_merge(resource.clone())?;
+        *action_out = Some(action.clone());
+        *resource_out = Some(resource.clone());
+
+        let source_ip = attributes.source.as_ref().and_then(|peer| {
+            let address = peer.address.as_ref()?.address.as_ref()?;
+            match address {
+                Address::SocketAddress(socket) => socket.address.parse::<IpAddr>().ok(),
+                _ => None,
+            }
+        });
+        let facts = RequestFacts {
+            source_ip,
+            request_time: attributes
+                .request
+                .as_ref()
+                .and_then(|r| r.time.as_ref())
+                .map(|time| time.seconds),
+            tls: attributes.tls_session.is_some()
+                || attributes
+                    .source
+                    .as_ref()
+                    .is_some_and(|peer| !peer.principal.is_empty())
+                || http.scheme.eq_ignore_ascii_case("https"),
+            headers: Some(headers),
+            query: &target.query,
+            claims: principal.claims(),
+        };
+        let context = mapping.context(&facts)?.to_string();
+        let mut scope = RequestEntities::default();
+        if let Some(merge) = principal.scope.filter(|merge| !merge.is_empty()) {
+            scope.merges.push(merge);
+        }
+        if !resource_merge.is_empty() {
+            scope.merges.push(resource_merge);
+        }
+        let input = CheckInput {
+            principal: Some(UidInput {
+                type_name: &principal.uid.type_name,
+                id: &principal.uid.id,
+            }),
+            action: Some(UidInput {
+                type_name: &action.type_name,
+                id: &action.id,
+            }),
+            resource: Some(UidInput {
+                type_name: &resource.type_name,
+                id: &resource.id,
+            }),
+            context_json: &context,
+            entities_json: "",
+        };
+        let decision = self
+            .engine
+            .check_with(&input, &scope)
+            .map_err(|error| Failure::Engine(error.to_string()))?;
+        let route_headers = matched
+            .route
+            .headers
+            .iter()
+            .filter_map(|(name, template)| {
+                let value = template.render(|var| match var {
+                    "principal.type" => Some(principal.uid.type_name.as_str()),
+                    "principal.id" => Some(principal.uid.id.as_str()),
+                    "decision_id" => Some(decision.decision_id.as_str()),
+                    other => matched.capture(other),
+                })?;
+                Some((name.clone(), value))
+            })
+            .collect();
+        Ok(Evaluated::Decision(decision, route_headers))
+    }
+
+    async fn principal(
+        &self,
+        attributes: &AttributeContext,
+        headers: &HashMap<String, String>,
+    ) -> Result<Principal, MappingError> {
+        let mapping = &*self.mapping;
+        let config = &mapping.principal;
+        let plain = |id: &str| Principal {
+            uid: EntityRef::new(config.entity_type.clone(), id),
+            claims: None,
+            scope: None,
+            metadata_claims: None,
+        };
+        match config.source {
+            PrincipalSource::Mtls => {
+                let id = attributes
+                    .source
+                    .as_ref()
+                    .map(|peer| peer.principal.as_str())
+                    .unwrap_or("");
+                if id.is_empty() {
+                    return Err(MappingError::MissingCredentials(
+                        "no mTLS peer identity".into(),
+                    ));
+                }
+                Ok(plain(id))
+            }
+            PrincipalSource::Header => {
+                let name = config
+                    .header
+                    .as_deref()
+                    .map(str::to_ascii_lowercase)
+                    .unwrap_or_default();
+                match headers.get(&name) {
+                    Some(id) if !id.is_empty() => Ok(plain(id)),
+                    _ => Err(MappingError::MissingCredentials(format!(
+                        "no `{name}` header"
+                    ))),
+                }
+            }
+            PrincipalSource::JwtAuthn => {
+                let claims = attributes
+                    .metadata_context
+                    .as_ref()
+                    .and_then(|m| m.filter_metadata.get(&config.metadata_filter))
+                    .and_then(|s| s.fields.get(&config.metadata_key))
+                    .map(pb_to_json)
+                    .filter(Value::is_object)
+                    .ok_or_else(|| {
+                        MappingError::MissingCredentials(format!(
+                            "no `{}` in the `{}` metadata",
+                            config.metadata_key, config.metadata_filter
+                        ))
+                    })?;
+                let (uid, merge) = mapping.principal_from_claims(&claims)?;
+                Ok(Principal {
+                    uid,
+                    claims: None,
+                    scope: Some(merge),
+                    metadata_claims: Some(claims),
+                })
+            }
+            PrincipalSource::Jwt => {
+                let Some(verifier) = &self.jwt else {
+                    return Err(MappingError::Unmappable("no JWT verifier".into()));
+                };
+                let value = headers.get(&self.jwt_header).ok_or_else(|| {
+                    MappingError::MissingCredentials(format!("no `{}` header", self.jwt_header))
+                })?;
+                let token = value
+                    .split_once(' ')
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, token)| token.trim())
+                    .filter(|token| !token.is_empty())
+                    .ok_or_else(|| MappingError::MissingCredentials("no bearer token".into()))?;
+                let verified = verifier
+                    .verify(token)
+                    .await
+                    .map_err(|error| MappingError::InvalidCredentials(error.to_string()))?;
+                let (uid, merge) = mapping.principal_from_claims(&verified.claims)?;
+                Ok(Principal {
+                    uid,
+                    claims: Some(verified),
+                    scope: Some(merge),
+                    metadata_claims: None,
+                })
+            }
+        }
+    }
+
+    fn decision_header(&self, id: &str) -> HeaderValueOption {
+        header(&self.mapping.decision_header, id)
+    }
+
+    fn allow(
+        &self,
+        id: &str,
+        route_headers: &[(String, String)],
+        decision: &Decision,
+        principal: Option<&EntityRef>,
+    ) -> CheckResponse {
+        let mut headers = vec![self.decision_header(id)];
+        headers.extend(route_headers.iter().map(|(k, v)| header(k, v)));
+        let mut metadata = Struct::default();
+        metadata
+            .fields
+            .insert("decision_id".into(), string_value(id));
+        metadata.fields.insert(
+            "policies".into(),
+            PbValue {
+                kind: Some(Kind::ListValue(ListValue {
+                    values: decision.reasons.iter().map(|r| string_value(r)).collect(),
+                })),
+            },
+        );
+        if let Some(principal) = principal {
+            metadata.fields.insert(
+                "principal".into(),
+                string_value(&format!(
+                    "{}::\"{}\"",
+                    principal.type_name,
+                    principal.id.escape_default()
+                )),
+            );
+        }
+        CheckResponse {
+            status: Some(rpc::Status {
+                code: OK,
+                ..Default::default()
+            }),
+            dynamic_metadata: Some(metadata),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn allow_unmatched(&self, id: &str) -> CheckResponse {
+        let mut metadata = Struct::default();
+        metadata
+            .fields
+            .insert("decision_id".into(), string_value(id));
+        CheckResponse {
+            status: Some(rpc::Status {
+                code: OK,
+                ..Default::default()
+            }),
+            dynamic_metadata: Some(metadata),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers: vec![self.decision_header(id)],
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn deny(&self, id: &str, denial: Denial) -> CheckResponse {
+        let (http, grpc, reason) = match denial {
+            Denial::Forbidden => (403, PERMISSION_DENIED, "forbidden"),
+            Denial::Missing => (401, UNAUTHENTICATED, "unauthenticated"),
+            Denial::Invalid => (401, UNAUTHENTICATED, "invalid_credentials"),
+            Denial::TooLarge => (431, PERMISSION_DENIED, "headers_too_large"),
+        };
+        let mut headers = vec![
+            header("content-type", "application/json"),
+            self.decision_header(id),
+        ];
+        if http == 401 {
+            let scheme = match self.mapping.principal.source {
+                PrincipalSource::Jwt | PrincipalSource::JwtAuthn => "Bearer",
+                PrincipalSource::Mtls => "Mutual",
+                PrincipalSource::Header => "Gateway",
+            };
+            let realm = self.mapping.realm.replace(['"', '\\'], "");
+            let challenge = match denial {
+                Denial::Invalid if scheme == "Bearer" => {
+                    format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")
+                }
+                _ => format!("{scheme} realm=\"{realm}\""),
+            };
+            headers.push(header("www-authenticate", &challenge));
+        }
+        let body = serde_json::json!({"decision_id": id, "decision": "deny", "reason": reason});
+        let mut metadata = Struct::default();
+        metadata
+            .fields
+            .insert("decision_id".into(), string_value(id));
+        CheckResponse {
+            status: Some(rpc::Status {
+                code: grpc,
+                message: reason.into(),
+                ..Default::default()
+            }),
+            dynamic_metadata: Some(metadata),
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: Some(HttpStatus { code: http }),
+                headers,
+                body: body.to_string(),
+            })),
+        }
+    }
+}
+
+enum Evaluated {
+    Decision(Decision, Vec<(String, String)>),
+    UnmatchedAllow,
+}
+
+enum Failure {
+    Mapping(MappingError),
+    Engine(String),
+}
+
+impl From<MappingError> for Failure {
+    fn from(error: MappingError) -> Self {
+        Failure::Mapping(error)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Denial {
+    Forbidden,
+    Missing,
+    Invalid,
+    TooLarge,
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthzService {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(self.answer(request.get_ref()).await))
+    }
+}
+
+fn header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn string_value(text: &str) -> PbValue {
+    PbValue {
+        kind: Some(Kind::StringValue(text.into())),
+    }
+}
+
+/// The request headers, lower-cased by Envoy; from `header_map` when Envoy
+/// sends that instead (`encode_raw_headers`).
+fn headers_of(http: &HttpRequest) -> Cow<'_, HashMap<String, String>> {
+    match &http.header_map {
+        Some(map) if http.headers.is_empty() => {
+            let mut headers: HashMap<String, String> = HashMap::new();
+            for header in &map.headers {
+                let value = if header.raw_value.is_empty() {
+                    header.value.clone()
+                } else {
+                    String::from_utf8_lossy(&header.raw_value).into_owned()
+                };
+                headers
+                    .entry(header.key.to_ascii_lowercase())
+                    .and_modify(|existing| {
+                        existing.push(',');
+                        existing.push_str(&value);
+                    })
+                    .or_insert(value);
+            }
+            Cow::Owned(headers)
+        }
+        _ => Cow::Borrowed(&http.headers),
+    }
+}
+
+fn source_address(attributes: &AttributeContext) -> Option<String> {
+    let address = attributes
+        .source
+        .as_ref()?
+        .address
+        .as_ref()?
+        .address
+        .as_ref()?;
+    match address {
+        Address::SocketAddress(socket) => Some(socket.address.clone()),
+        Address::Pipe(pipe) => Some(pipe.path.clone()),
+        _ => None,
+    }
+}
+
+/// A `google.protobuf.Value` as JSON (`jwt_authn` claims arrive this way).
+fn pb_to_json(value: &PbValue) -> Value {
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                Value::from(*n as i64)
+            } else {
+                serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
+            }
+        }
+        Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        Some(Kind::ListValue(list)) => Value::Array(list.values.iter().map(pb_to_json).collect()),
+        Some(Kind::StructValue(s)) => Value::Object(
+            s.fields
+                .iter()
+                .map(|(k, v)| (k.clone(), pb_to_json(v)))
+                .collect(),
+        ),
+    }
+}
