@@ -14,9 +14,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::adapter::authorizer::AuthorizerService;
+use crate::adapter::decision_log::DecisionLogService;
 use crate::admin::{self, AdminState};
+use crate::decision_log::{DecisionLog, DecisionLogConfig, DecisionLogError};
 use crate::engine::{Engine, LoadError, LoadOptions, Sources};
 use crate::proto::v1::authorizer_server::AuthorizerServer;
+use crate::proto::v1::decision_log_server::DecisionLogServer;
 use crate::reload::{self, LoadStatus};
 use crate::telemetry::{self, DecisionMetrics, ReloadMetrics};
 
@@ -31,6 +34,9 @@ pub struct ServeConfig {
     pub reload_interval: Duration,
     /// How long in-flight calls may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// `[decision_log]`. Off in `ServeConfig::default()` (embedders and
+    /// tests opt in); `arbiter serve` resolves it on, to stdout, by default.
+    pub decision_log: DecisionLogConfig,
 }
 
 impl Default for ServeConfig {
@@ -42,6 +48,7 @@ impl Default for ServeConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             reload_interval: Duration::from_millis(250),
             shutdown_grace: Duration::from_secs(20),
+            decision_log: DecisionLogConfig::disabled(),
         }
     }
 }
@@ -59,6 +66,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("internal task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    DecisionLog(#[from] DecisionLogError),
 }
 
 /// A server with its listeners bound, not yet serving.
@@ -113,6 +122,13 @@ impl Server {
         let decision_metrics = Arc::new(DecisionMetrics::register());
         let reload_metrics = Arc::new(ReloadMetrics::register());
         let engine = Arc::new(Engine::new());
+        // The decision log starts first, so records an earlier run left in
+        // the spool are on their way while the policies load.
+        let default_spool = std::env::temp_dir().join(format!(
+            "arbiter-spool-{}",
+            grpc.local_addr().map_or(config.listen.port(), |a| a.port())
+        ));
+        let decision_log = DecisionLog::start(&config.decision_log, &default_spool).await?;
         let status = Arc::new(LoadStatus::default());
         let serving = Arc::new(AtomicBool::new(false));
 
@@ -130,12 +146,17 @@ impl Server {
             .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
         let (stop_tx, stop_rx) = watch::channel(false);
         let grpc_stop = wait_for_stop(stop_rx.clone());
-        let authorizer = AuthorizerService::new(engine.clone(), decision_metrics);
+        let authorizer = AuthorizerService::new(engine.clone(), decision_metrics)
+            .with_decision_log(decision_log.logger());
         let grpc_server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(AuthorizerServer::new(authorizer))
+                .add_service(DecisionLogServer::new(DecisionLogService::new(
+                    decision_log.tail_source(),
+                    stop_rx.clone(),
+                )))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop),
         );
         let admin_state = AdminState {
@@ -182,6 +203,7 @@ impl Server {
                 if stopped.is_err() {
                     tracing::warn!("listeners did not close within the grace period");
                 }
+                decision_log.shutdown(Duration::from_secs(1)).await;
                 return Err(ServeError::InitialLoad(error));
             }
             Some(Ok(())) => {
@@ -215,19 +237,32 @@ impl Server {
         // streams so open health watches do not hold the drain open.
         end_health_watches(health_reporter).await;
         let _ = stop_tx.send(true);
+        let drain_started = tokio::time::Instant::now();
         let drained = tokio::time::timeout(config.shutdown_grace, async {
             let grpc = grpc_server.await;
             let _ = admin_server.await;
             grpc
         })
         .await;
-        match drained {
-            Ok(result) => result??,
-            Err(_) => tracing::warn!(
-                grace = ?config.shutdown_grace,
-                "grace period over with calls still in flight"
-            ),
-        }
+        let outcome = match drained {
+            Ok(result) => result
+                .map_err(ServeError::from)
+                .and_then(|served| served.map_err(ServeError::from)),
+            Err(_) => {
+                tracing::warn!(
+                    grace = ?config.shutdown_grace,
+                    "grace period over with calls still in flight"
+                );
+                Ok(())
+            }
+        };
+        // Calls are finished: no more records. Flush what can be delivered
+        // in the rest of the grace period; the rest stays in the spool.
+        let left = config
+            .shutdown_grace
+            .saturating_sub(drain_started.elapsed());
+        decision_log.shutdown(left).await;
+        outcome?;
         tracing::info!("stopped");
         Ok(())
     }

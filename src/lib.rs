@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! gRPC ─▶ adapter (wire ⇄ domain) ─▶ engine::Engine::check ─▶ Decision ─▶ adapter ─▶ wire
-//!                                      │ reads Arc<Snapshot> (one atomic load)
-//!         reload (watch files) ────────┘ publishes a new Snapshot (atomic swap)
+//!                                      │ reads Arc<Snapshot> (one atomic load)   │
+//!         reload (watch files) ────────┘ publishes a new Snapshot (atomic swap)  ▼
+//!                                        decision_log: queue ─▶ spool ─▶ sinks (off the path)
 //! ```
 //!
 //! Layout:
@@ -13,6 +14,8 @@
 //!   gRPC statuses in [`adapter::status`].
 //! - [`engine`]: pure decisions: no IO, no await, no locks; loading lives in
 //!   [`engine::loader`], shared by the server and every CLI subcommand.
+//! - [`decision_log`]: every decision, redacted, to a write-ahead spool
+//!   and from there to stdout, file and NATS JetStream sinks.
 //! - [`reload`]: hot reload of policy, schema and entity files.
 //! - [`app`]: builds the server from [`app::ServeConfig`], runs and drains it.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
@@ -25,6 +28,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod decision_log;
 pub mod engine;
 pub mod reload;
 pub mod shutdown;

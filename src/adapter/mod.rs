@@ -4,4 +4,5 @@
 //! [`Decision`](crate::engine::Decision) or error back into a wire answer.
 
 pub mod authorizer;
+pub mod decision_log;
 pub mod status;

@@ -34,6 +34,8 @@ pub fn config(sources: Sources) -> ServeConfig {
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         reload_interval: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(10),
+        // Tests that log decisions turn it on with their own temp spool.
+        decision_log: arbiter::decision_log::DecisionLogConfig::disabled(),
     }
 }
 
@@ -162,3 +164,4 @@ pub fn saas(principal: &str, action: &str, resource_type: &str, resource: &str) 
         entities_json: String::new(),
     }
 }
+pub mod nats;
