@@ -15,7 +15,7 @@
 //! - [`engine`]: pure decisions: no IO, no await, no locks; loading lives in
 //!   [`engine::loader`], shared by the server and every CLI subcommand.
 //! - [`decision_log`]: every decision, redacted, to a write-ahead spool
-//!   and from there to stdout, file and NATS JetStream sinks.
+//!   and from there to stdout, file, NATS JetStream and gRPC collector sinks.
 //! - [`reload`]: hot reload of policy, schema and entity files.
 //! - [`app`]: builds the server from [`app::ServeConfig`], runs and drains it.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.

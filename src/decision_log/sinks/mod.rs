@@ -5,6 +5,7 @@
 //! protocol (a NATS client, a file); nothing else in the crate talks to them.
 
 pub mod file;
+pub mod grpc;
 pub mod nats;
 pub mod stdout;
 
@@ -21,6 +22,8 @@ pub enum SinkError {
     Io(#[from] std::io::Error),
     #[error("nats: {0}")]
     Nats(String),
+    #[error("grpc collector: {0}")]
+    Grpc(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
 }
@@ -59,6 +62,15 @@ pub enum SinkConfig {
         /// Time to wait for a batch's acknowledgements [default: 5000].
         ack_timeout_ms: Option<u64>,
     },
+    /// An audit collector serving `arbiter.v1.DecisionLogCollector/Publish`:
+    /// one client-streaming call per batch, acknowledged by the collector.
+    Grpc {
+        name: Option<String>,
+        /// e.g. `http://collector:50070`
+        url: String,
+        /// Time to wait for a batch's acknowledgement [default: 5000].
+        ack_timeout_ms: Option<u64>,
+    },
 }
 
 impl SinkConfig {
@@ -67,13 +79,14 @@ impl SinkConfig {
             SinkConfig::Stdout { name } => name.clone().unwrap_or_else(|| "stdout".into()),
             SinkConfig::File { name, .. } => name.clone().unwrap_or_else(|| "file".into()),
             SinkConfig::Nats { name, .. } => name.clone().unwrap_or_else(|| "nats".into()),
+            SinkConfig::Grpc { name, .. } => name.clone().unwrap_or_else(|| "grpc".into()),
         }
     }
 
     /// How long one batch may take before it counts as failed.
     pub fn timeout(&self) -> Duration {
         match self {
-            SinkConfig::Nats { ack_timeout_ms, .. } => {
+            SinkConfig::Nats { ack_timeout_ms, .. } | SinkConfig::Grpc { ack_timeout_ms, .. } => {
                 Duration::from_millis(ack_timeout_ms.unwrap_or(5000))
             }
             _ => Duration::from_secs(10),
@@ -85,6 +98,7 @@ impl SinkConfig {
     pub async fn build(&self) -> Result<Sink, SinkError> {
         Ok(match self {
             SinkConfig::Stdout { .. } => Sink::Stdout(stdout::StdoutSink::new()),
+            SinkConfig::Grpc { url, .. } => Sink::Grpc(grpc::GrpcSink::new(url)?),
             SinkConfig::File {
                 path,
                 max_bytes,
@@ -120,6 +134,7 @@ pub enum Sink {
     Stdout(stdout::StdoutSink),
     File(file::FileSink),
     Nats(Box<nats::NatsSink>),
+    Grpc(grpc::GrpcSink),
 }
 
 impl Sink {
@@ -129,6 +144,7 @@ impl Sink {
             Sink::Stdout(sink) => sink.send(frames).await,
             Sink::File(sink) => sink.send(frames).await,
             Sink::Nats(sink) => sink.send(frames).await,
+            Sink::Grpc(sink) => sink.send(frames).await,
         }
     }
 }
