@@ -16,7 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn compile_protos(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/arbiter/v1/authorizer.proto"];
+    let protos = [
+        "proto/arbiter/v1/authorizer.proto",
+        "proto/arbiter/v1/decision_log.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;
     let encoded = prost::Message::encode_to_vec(&fds);

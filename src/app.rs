@@ -16,9 +16,12 @@ use tonic_health::ServingStatus;
 
 use crate::adapter::authorizer::AuthorizerService;
 use crate::adapter::ext_authz::{self, ExtAuthzConfig, ExtAuthzError};
+use crate::adapter::decision_log::DecisionLogService;
 use crate::admin::{self, AdminState};
+use crate::decision_log::{DecisionLog, DecisionLogConfig, DecisionLogError};
 use crate::engine::{Engine, LoadError, LoadOptions, Sources};
 use crate::proto::v1::authorizer_server::AuthorizerServer;
+use crate::proto::v1::decision_log_server::DecisionLogServer;
 use crate::reload::{self, LoadStatus};
 use crate::telemetry::{self, DecisionMetrics, ReloadMetrics};
 
@@ -38,6 +41,9 @@ pub struct ServeConfig {
     pub ext_authz: Option<ExtAuthzConfig>,
     /// A Unix-domain socket serving the same gRPC services.
     pub uds: Option<UdsConfig>,
+    /// `[decision_log]`. Off in `ServeConfig::default()` (embedders and
+    /// tests opt in); `arbiter serve` resolves it on, to stdout, by default.
+    pub decision_log: DecisionLogConfig,
 }
 
 /// A Unix-domain-socket gRPC listener (Envoy sidecars often use one).
@@ -59,6 +65,7 @@ impl Default for ServeConfig {
             shutdown_grace: Duration::from_secs(20),
             ext_authz: None,
             uds: None,
+            decision_log: DecisionLogConfig::disabled(),
         }
     }
 }
@@ -83,6 +90,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("internal task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    DecisionLog(#[from] DecisionLogError),
 }
 
 /// A server with its listeners bound, not yet serving.
@@ -144,6 +153,13 @@ impl Server {
         let decision_metrics = Arc::new(DecisionMetrics::register());
         let reload_metrics = Arc::new(ReloadMetrics::register());
         let engine = Arc::new(Engine::new());
+        // The decision log starts first, so records an earlier run left in
+        // the spool are on their way while the policies load.
+        let default_spool = std::env::temp_dir().join(format!(
+            "arbiter-spool-{}",
+            grpc.local_addr().map_or(config.listen.port(), |a| a.port())
+        ));
+        let decision_log = DecisionLog::start(&config.decision_log, &default_spool).await?;
         let status = Arc::new(LoadStatus::default());
         let serving = Arc::new(AtomicBool::new(false));
 
@@ -161,10 +177,15 @@ impl Server {
             .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
         let (stop_tx, stop_rx) = watch::channel(false);
         let grpc_stop = wait_for_stop(stop_rx.clone());
-        let authorizer = AuthorizerService::new(engine.clone(), decision_metrics.clone());
+        let authorizer = AuthorizerService::new(engine.clone(), decision_metrics.clone())
+            .with_decision_log(decision_log.logger());
         let mut routes = tonic::service::Routes::new(health_service)
             .add_service(reflection)
-            .add_service(AuthorizerServer::new(authorizer));
+            .add_service(AuthorizerServer::new(authorizer))
+            .add_service(DecisionLogServer::new(DecisionLogService::new(
+                decision_log.tail_source(),
+                stop_rx.clone(),
+            )));
         if let Some(ext_authz) = &config.ext_authz {
             let service = ext_authz.build(engine.clone(), decision_metrics.clone())?;
             routes = routes.add_service(service.into_server());
@@ -229,6 +250,7 @@ impl Server {
                 if stopped.is_err() {
                     tracing::warn!("listeners did not close within the grace period");
                 }
+                decision_log.shutdown(Duration::from_secs(1)).await;
                 return Err(ServeError::InitialLoad(error));
             }
             Some(Ok(())) => {
@@ -262,6 +284,7 @@ impl Server {
         // streams so open health watches do not hold the drain open.
         end_health_watches(health_reporter).await;
         let _ = stop_tx.send(true);
+        let drain_started = tokio::time::Instant::now();
         let drained = tokio::time::timeout(config.shutdown_grace, async {
             let grpc = grpc_server.await;
             if let Some(uds_server) = uds_server {
@@ -274,13 +297,25 @@ impl Server {
         if let Some(uds) = &config.uds {
             let _ = std::fs::remove_file(&uds.path);
         }
-        match drained {
-            Ok(result) => result??,
-            Err(_) => tracing::warn!(
-                grace = ?config.shutdown_grace,
-                "grace period over with calls still in flight"
-            ),
-        }
+        let outcome = match drained {
+            Ok(result) => result
+                .map_err(ServeError::from)
+                .and_then(|served| served.map_err(ServeError::from)),
+            Err(_) => {
+                tracing::warn!(
+                    grace = ?config.shutdown_grace,
+                    "grace period over with calls still in flight"
+                );
+                Ok(())
+            }
+        };
+        // Calls are finished: no more records. Flush what can be delivered
+        // in the rest of the grace period; the rest stays in the spool.
+        let left = config
+            .shutdown_grace
+            .saturating_sub(drain_started.elapsed());
+        decision_log.shutdown(left).await;
+        outcome?;
         tracing::info!("stopped");
         Ok(())
     }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::adapter::ext_authz::ExtAuthzConfig;
 use crate::app::{ServeConfig, UdsConfig};
+use crate::decision_log::DecisionLogConfig;
 use crate::engine::loader::DEFAULT_DECISION_CACHE_CAPACITY;
 use crate::engine::{LoadOptions, OnEvaluationError, Sources};
 
@@ -83,6 +84,8 @@ pub struct ConfigFile {
     pub uds_mode: Option<String>,
     /// Envoy ext_authz mapping (see the README).
     pub ext_authz: Option<ExtAuthzConfig>,
+    /// `[decision_log]`: see the README; logging to stdout when absent.
+    pub decision_log: Option<DecisionLogConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +142,9 @@ impl ServeArgs {
                         *path = base.join(&*path);
                     }
                 }
+                if let Some(log) = file.decision_log.as_mut() {
+                    log.make_paths_relative_to(base);
+                }
                 file
             }
             None => ConfigFile::default(),
@@ -168,7 +174,16 @@ impl ServeArgs {
                 })?,
             None => 0o660,
         };
+        let decision_log = file.decision_log.unwrap_or_default();
+        let problems = decision_log.problems();
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "decision_log",
+                message: problems.join("; "),
+            });
+        }
         Ok(ServeConfig {
+            decision_log,
             sources: Sources {
                 policies: self.policies.clone().or(file.policies),
                 schema: self.schema.clone().or(file.schema),
@@ -295,5 +310,72 @@ resource = { type = "Saas::Document", id = "{id}" }
         };
         let error = args.resolve().unwrap_err().to_string();
         assert!(error.contains("polcies"), "{error}");
+    }
+
+    #[test]
+    fn decision_log_table_parses_and_resolves_paths() {
+        use crate::decision_log::{Overflow, SinkConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arbiter.toml");
+        std::fs::write(
+            &path,
+            r#"
+[decision_log]
+spool_dir = "spool"
+spool_max_bytes = 1048576
+segment_bytes = 65536
+overflow = "block"
+block_timeout_ms = 20
+
+[decision_log.redact]
+drop = ["context.ssn"]
+hash = ["principal.id"]
+
+[[decision_log.sinks]]
+type = "file"
+path = "logs/decisions.jsonl"
+
+[[decision_log.sinks]]
+type = "nats"
+url = "nats://127.0.0.1:4222"
+"#,
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        let log = args.resolve().unwrap().decision_log;
+        assert!(log.enabled);
+        assert_eq!(log.spool_dir, Some(dir.path().join("spool")));
+        assert_eq!(log.overflow, Overflow::Block);
+        assert_eq!(log.redact.drop, vec!["context.ssn".to_string()]);
+        assert!(
+            matches!(&log.sinks[0], SinkConfig::File { path, .. } if *path == dir.path().join("logs/decisions.jsonl"))
+        );
+        assert_eq!(log.sinks[1].name(), "nats");
+
+        // Without the table: on, to stdout.
+        let log = ServeArgs::default().resolve().unwrap().decision_log;
+        assert!(log.enabled);
+        assert_eq!(log.sinks, vec![SinkConfig::Stdout { name: None }]);
+    }
+
+    #[test]
+    fn bad_decision_log_settings_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arbiter.toml");
+        std::fs::write(
+            &path,
+            "[decision_log]\nspool_max_bytes = 1000\nsegment_bytes = 1000\n[[decision_log.sinks]]\ntype = \"stdout\"\n[[decision_log.sinks]]\ntype = \"stdout\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        let error = args.resolve().unwrap_err().to_string();
+        assert!(error.contains("segment_bytes"), "{error}");
+        assert!(error.contains("two sinks are named `stdout`"), "{error}");
     }
 }

@@ -4,9 +4,10 @@
 //!
 //! ```text
 //! gRPC  ─▶ adapter (wire ⇄ domain) ─▶ engine::Engine::check ─▶ Decision ─▶ adapter ─▶ wire
-//! Envoy ─▶ adapter::ext_authz (mapping) ─▶ engine::Engine::check_with ─┘
-//!                                      │ reads Arc<Snapshot> (one atomic load)
-//!         reload (watch files) ────────┘ publishes a new Snapshot (atomic swap)
+//! Envoy ─▶ adapter::ext_authz (mapping) ─▶ engine::Engine::check_with ─┘           │
+//!                                      │ reads Arc<Snapshot> (one atomic load)      ▼
+//!         reload (watch files) ────────┘ publishes a new Snapshot          decision_log: queue
+//!                                                                          ─▶ spool ─▶ sinks
 //! ```
 //!
 //! Layout:
@@ -15,6 +16,8 @@
 //!   in [`adapter::ext_authz`].
 //! - [`engine`]: pure decisions: no IO, no await, no locks; loading lives in
 //!   [`engine::loader`], shared by the server and every CLI subcommand.
+//! - [`decision_log`]: every decision, redacted, to a write-ahead spool
+//!   and from there to stdout, file, NATS JetStream and gRPC collector sinks.
 //! - [`reload`]: hot reload of policy, schema and entity files.
 //! - [`app`]: builds the server from [`app::ServeConfig`], runs and drains it.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
@@ -27,6 +30,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod decision_log;
 pub mod engine;
 pub mod reload;
 pub mod shutdown;

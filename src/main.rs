@@ -32,6 +32,8 @@ enum Command {
     Test(cli::test::TestArgs),
     /// Format `.cedar` policy files.
     Fmt(cli::fmt::FmtArgs),
+    /// Print a running server's decision records live, with filters.
+    Tail(cli::tail::TailArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Check(args) => cli::check::run(&args),
         Command::Test(args) => cli::test::run(&args),
         Command::Fmt(args) => cli::fmt::run(&args),
+        Command::Tail(args) => cli::tail::run(&args),
     };
     ExitCode::from(code)
 }

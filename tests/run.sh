@@ -7,11 +7,14 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# Tools the tests run besides cargo: mkfifo (coreutils), kill (procps), tar.
+# Tools the tests run besides cargo: mkfifo (coreutils), kill (procps), tar,
+# nats-server.
 missing=()
 command -v mkfifo >/dev/null 2>&1 || missing+=(coreutils)
 command -v kill >/dev/null 2>&1 || missing+=(procps)
 command -v tar >/dev/null 2>&1 || missing+=(tar)
+# The decision log tests start their own NATS JetStream servers.
+[[ -x /usr/sbin/nats-server ]] || command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 if ((${#missing[@]})); then
   echo "installing ${missing[*]}" >&2
   apt-get update -qq

@@ -1,10 +1,15 @@
-//! `arbiter.v1.Authorizer`: Arbiter's own decision API.
+//! `arbiter.v1.Authorizer`: Arbiter's own decision API. After the engine
+//! decides, each decision (each batch item too) is handed to the decision
+//! log as a [`DecisionEvent`]: strings moved out of the request, the peer
+//! address and the `traceparent` header copied; nothing parsed or encoded
+//! here.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::status;
+use crate::decision_log::{Caller, DecisionEvent, DecisionLogger, Transport, Uid};
 use crate::engine::{CheckInput, Decision, Engine, UidInput};
 use crate::proto::v1 as pb;
 use crate::proto::v1::authorizer_server::Authorizer;
@@ -18,12 +23,67 @@ pub const MAX_BATCH_CHECKS: usize = 256;
 pub struct AuthorizerService {
     engine: Arc<Engine>,
     metrics: Arc<DecisionMetrics>,
+    log: DecisionLogger,
 }
 
 impl AuthorizerService {
+    /// A service that logs no decisions; see [`Self::with_decision_log`].
     pub fn new(engine: Arc<Engine>, metrics: Arc<DecisionMetrics>) -> Self {
-        AuthorizerService { engine, metrics }
+        AuthorizerService {
+            engine,
+            metrics,
+            log: DecisionLogger::disabled(),
+        }
     }
+
+    pub fn with_decision_log(mut self, log: DecisionLogger) -> Self {
+        self.log = log;
+        self
+    }
+}
+
+/// What the decision log needs from the call besides the request itself.
+/// mTLS identity and UDS peers are not filled in yet: the server listens on
+/// plain TCP only.
+fn call_facts<T>(log: &DecisionLogger, request: &Request<T>) -> Option<(Caller, Option<String>)> {
+    if !log.is_enabled() {
+        return None;
+    }
+    let caller = Caller {
+        peer_address: request.remote_addr(),
+        tls_identity: None,
+        uds_peer: None,
+    };
+    let traceparent = request
+        .metadata()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    Some((caller, traceparent))
+}
+
+fn owned_uid(uid: Option<pb::EntityUid>) -> Option<Uid> {
+    uid.map(|uid| Uid {
+        type_name: uid.r#type,
+        id: uid.id,
+    })
+}
+
+/// The decision log event, moving the request's strings.
+fn event(
+    request: pb::CheckRequest,
+    decision: Decision,
+    caller: Caller,
+    traceparent: Option<String>,
+) -> DecisionEvent {
+    let mut event = DecisionEvent::new(Transport::Grpc, decision);
+    event.principal = owned_uid(request.principal);
+    event.action = owned_uid(request.action);
+    event.resource = owned_uid(request.resource);
+    event.context_json = request.context_json;
+    event.caller = caller;
+    event.traceparent = traceparent;
+    event
 }
 
 fn uid(uid: Option<&pb::EntityUid>) -> Option<UidInput<'_>> {
@@ -43,23 +103,23 @@ fn input(request: &pb::CheckRequest) -> CheckInput<'_> {
     }
 }
 
-fn response(decision: Decision) -> pb::CheckResponse {
+fn response(decision: &Decision) -> pb::CheckResponse {
     pb::CheckResponse {
         decision: if decision.allowed {
             pb::Decision::Allow as i32
         } else {
             pb::Decision::Deny as i32
         },
-        reasons: decision.reasons,
+        reasons: decision.reasons.clone(),
         errors: decision
             .errors
-            .into_iter()
+            .iter()
             .map(|error| pb::PolicyError {
-                policy_id: error.policy_id,
-                message: error.message,
+                policy_id: error.policy_id.clone(),
+                message: error.message.clone(),
             })
             .collect(),
-        decision_id: decision.decision_id,
+        decision_id: decision.decision_id.clone(),
         policy_revision: decision.policy_revision.to_string(),
         data_revision: decision.data_revision.to_string(),
     }
@@ -71,10 +131,18 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
-        match self.engine.check(&input(request.get_ref())) {
+        let facts = call_facts(&self.log, &request);
+        let request = request.into_inner();
+        match self.engine.check(&input(&request)) {
             Ok(decision) => {
                 self.metrics.record(&decision);
-                Ok(Response::new(response(decision)))
+                let answer = response(&decision);
+                if let Some((caller, traceparent)) = facts {
+                    self.log
+                        .log(event(request, decision, caller, traceparent))
+                        .await;
+                }
+                Ok(Response::new(answer))
             }
             Err(error) => {
                 self.metrics.record_rejected();
@@ -87,7 +155,8 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<pb::CheckBatchRequest>,
     ) -> Result<Response<pb::CheckBatchResponse>, Status> {
-        let checks = &request.get_ref().checks;
+        let facts = call_facts(&self.log, &request);
+        let checks = request.into_inner().checks;
         if checks.len() > MAX_BATCH_CHECKS {
             self.metrics.record_rejected();
             return Err(Status::invalid_argument(format!(
@@ -96,15 +165,24 @@ impl Authorizer for AuthorizerService {
             )));
         }
         let inputs: Vec<CheckInput<'_>> = checks.iter().map(input).collect();
-        match self.engine.check_all(&inputs) {
+        let outcome = self.engine.check_all(&inputs);
+        drop(inputs);
+        match outcome {
             Ok(decisions) => {
                 let results = decisions
-                    .into_iter()
+                    .iter()
                     .map(|decision| {
-                        self.metrics.record(&decision);
+                        self.metrics.record(decision);
                         response(decision)
                     })
                     .collect();
+                if let Some((caller, traceparent)) = facts {
+                    for (check, decision) in checks.into_iter().zip(decisions) {
+                        self.log
+                            .log(event(check, decision, caller.clone(), traceparent.clone()))
+                            .await;
+                    }
+                }
                 Ok(Response::new(pb::CheckBatchResponse { results }))
             }
             Err((index, error)) => {

@@ -5,4 +5,5 @@
 
 pub mod authorizer;
 pub mod ext_authz;
+pub mod decision_log;
 pub mod status;

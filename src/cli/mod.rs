@@ -5,6 +5,7 @@
 pub mod check;
 pub mod fmt;
 pub mod serve;
+pub mod tail;
 pub mod test;
 pub mod validate;
 

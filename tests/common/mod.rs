@@ -36,6 +36,8 @@ pub fn config(sources: Sources) -> ServeConfig {
         shutdown_grace: Duration::from_secs(10),
         ext_authz: None,
         uds: None,
+        // Tests that log decisions turn it on with their own temp spool.
+        decision_log: arbiter::decision_log::DecisionLogConfig::disabled(),
     }
 }
 
@@ -164,3 +166,4 @@ pub fn saas(principal: &str, action: &str, resource_type: &str, resource: &str) 
         entities_json: String::new(),
     }
 }
+pub mod nats;
