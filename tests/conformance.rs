@@ -539,6 +539,7 @@ fn cedar_options(validate_policies: bool, validate_requests: bool) -> LoadOption
         validate_policies,
         validate_requests,
         on_evaluation_error: OnEvaluationError::SkipPolicy,
+        ..LoadOptions::default()
     }
 }
 
@@ -650,6 +651,7 @@ async fn ask_grpc(case: &TestCase, running: &Running, tally: &mut Tally) {
             resource: uid(&request.resource),
             context_json: request.context_json.clone(),
             entities_json: String::new(),
+            min_data_revision: String::new(),
         };
         let got = match client.check(message).await {
             Ok(response) => {
