@@ -8,11 +8,12 @@
 
 mod decision;
 mod decision_cache;
+pub mod entity_store;
 mod error;
 pub mod loader;
 mod snapshot;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
@@ -49,10 +50,38 @@ pub struct CheckInput<'a> {
 }
 
 /// Holds the current snapshot and answers checks against it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Engine {
     current: ArcSwapOption<Snapshot>,
     authorizer: Authorizer,
+    /// Publishers only (never a decision): the parts the next snapshot is
+    /// assembled from, so a policy reload and a data update cannot undo
+    /// each other.
+    parts: Mutex<Parts>,
+    /// The entity data comes from an identity source ([`Engine::publish_data`]),
+    /// not from the files a policy reload reads.
+    external_data: bool,
+    /// The source position of the data now served, for `min_data_revision`.
+    positions: tokio::sync::watch::Sender<Option<u64>>,
+}
+
+#[derive(Debug, Default)]
+struct Parts {
+    policies: Option<Arc<PolicySnapshot>>,
+    data: Option<Arc<EntityData>>,
+    decision_cache_capacity: u64,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine {
+            current: ArcSwapOption::empty(),
+            authorizer: Authorizer::new(),
+            parts: Mutex::new(Parts::default()),
+            external_data: false,
+            positions: tokio::sync::watch::Sender::new(None),
+        }
+    }
 }
 
 impl Engine {
@@ -60,9 +89,53 @@ impl Engine {
         Self::default()
     }
 
-    /// Makes `snapshot` the state every later decision sees.
+    /// An engine whose entity data is published by an identity sync: it
+    /// serves nothing until both a policy set and the first data are in.
+    pub fn with_external_data() -> Self {
+        Engine {
+            external_data: true,
+            ..Self::default()
+        }
+    }
+
+    /// Makes `snapshot` the state every later decision sees. With external
+    /// data only its policies are taken; the data stays the synced one.
     pub fn publish(&self, snapshot: Snapshot) {
-        self.current.store(Some(Arc::new(snapshot)));
+        let mut parts = self.parts.lock().unwrap_or_else(PoisonError::into_inner);
+        parts.policies = Some(snapshot.policies.clone());
+        parts.decision_cache_capacity = snapshot.decision_cache_capacity;
+        if self.external_data {
+            self.assemble(&parts);
+        } else {
+            parts.data = Some(snapshot.data.clone());
+            let position = snapshot.data.position;
+            self.current.store(Some(Arc::new(snapshot)));
+            self.positions.send_replace(position);
+        }
+    }
+
+    /// Makes `data` the entity data every later decision sees, with the
+    /// current policies (an atomic swap, like a policy reload).
+    pub fn publish_data(&self, data: EntityData) {
+        let mut parts = self.parts.lock().unwrap_or_else(PoisonError::into_inner);
+        parts.data = Some(Arc::new(data));
+        self.assemble(&parts);
+    }
+
+    fn assemble(&self, parts: &Parts) {
+        if let (Some(policies), Some(data)) = (&parts.policies, &parts.data) {
+            self.current.store(Some(Arc::new(Snapshot::new(
+                policies.clone(),
+                data.clone(),
+                parts.decision_cache_capacity,
+            ))));
+            self.positions.send_replace(data.position);
+        }
+    }
+
+    /// Watches the source position of the data being served.
+    pub fn positions(&self) -> tokio::sync::watch::Receiver<Option<u64>> {
+        self.positions.subscribe()
     }
 
     /// The current snapshot, if one was published.
@@ -107,8 +180,10 @@ impl Engine {
             .decisions
             .as_ref()
             .and_then(|_| decision_cache::DecisionCache::key(input));
-        if let (Some(cache), Some(key)) = (&snapshot.decisions, &cache_key) {
-            if let Some(hit) = cache.get(key) {
+        if let (Some(cache), Some(key)) = (&snapshot.decisions, &cache_key)
+            && let Some(hit) = cache.get(key)
+        {
+            {
                 return Ok(Decision {
                     allowed: hit.allowed,
                     reasons: hit.reasons.clone(),
@@ -151,14 +226,16 @@ impl Engine {
             ));
         }
         let has_overlay = !input.entities_json.trim().is_empty();
-        let context_keys: Vec<String> = match (&context_value, has_overlay) {
+        // Synced data is never one Cedar `Entities`: every decision gets its slice.
+        let needs_slice = has_overlay || snapshot.data.whole().is_none();
+        let context_keys: Vec<String> = match (&context_value, needs_slice) {
             (Some(serde_json::Value::Object(fields)), true) => fields.keys().cloned().collect(),
             _ => Vec::new(),
         };
         let context = parse_context(context_value, schema, &action, policies.validate_requests)?;
         // The roots of the overlay's slice: the request's entities, those
         // named in the context, and those named literally in policies.
-        let roots = if has_overlay {
+        let roots = if needs_slice {
             let mut roots = vec![principal.clone(), action.clone(), resource.clone()];
             for key in &context_keys {
                 if let Some(value) = context.get(key) {
@@ -179,16 +256,23 @@ impl Engine {
         let request = Request::new(principal, action, resource, context, request_schema)
             .map_err(|error| RequestError::invalid(request_error_field(&error), error))?;
 
-        let response = if has_overlay {
-            let overlay = parse_overlay(input.entities_json, schema)?;
-            let slice = snapshot.data.slice_with_overlay(roots, &overlay);
-            let entities = Entities::from_entities(slice, None)
-                .map_err(|error| RequestError::invalid(RequestField::Entities, error))?;
-            self.authorizer
-                .is_authorized(&request, &policies.policies, &entities)
-        } else {
-            self.authorizer
-                .is_authorized(&request, &policies.policies, &snapshot.data.entities)
+        let response = match snapshot.data.whole() {
+            Some(entities) if !has_overlay => {
+                self.authorizer
+                    .is_authorized(&request, &policies.policies, entities)
+            }
+            _ => {
+                let overlay = if has_overlay {
+                    parse_overlay(input.entities_json, schema)?
+                } else {
+                    Entities::empty()
+                };
+                let slice = snapshot.data.slice_with_overlay(roots, &overlay);
+                let entities = Entities::from_entities(slice, None)
+                    .map_err(|error| RequestError::invalid(RequestField::Entities, error))?;
+                self.authorizer
+                    .is_authorized(&request, &policies.policies, &entities)
+            }
         };
 
         let diagnostics = response.diagnostics();
