@@ -16,6 +16,7 @@ use tonic_health::ServingStatus;
 use crate::adapter::authorizer::AuthorizerService;
 use crate::admin::{self, AdminState};
 use crate::engine::{Engine, LoadError, LoadOptions, Sources};
+use crate::identity::{IdentityConfig, IdentityError, SyncStatus};
 use crate::proto::v1::authorizer_server::AuthorizerServer;
 use crate::reload::{self, LoadStatus};
 use crate::telemetry::{self, DecisionMetrics, ReloadMetrics};
@@ -31,6 +32,8 @@ pub struct ServeConfig {
     pub reload_interval: Duration,
     /// How long in-flight calls may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Entity data synced from an identity store instead of the entities file.
+    pub identity: Option<IdentityConfig>,
 }
 
 impl Default for ServeConfig {
@@ -42,6 +45,7 @@ impl Default for ServeConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             reload_interval: Duration::from_millis(250),
             shutdown_grace: Duration::from_secs(20),
+            identity: None,
         }
     }
 }
@@ -55,6 +59,8 @@ pub enum ServeError {
     },
     #[error("the policy set could not be loaded:\n{}", .0.render())]
     InitialLoad(LoadError),
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("internal task failed: {0}")]
@@ -112,7 +118,22 @@ impl Server {
         telemetry::prometheus();
         let decision_metrics = Arc::new(DecisionMetrics::register());
         let reload_metrics = Arc::new(ReloadMetrics::register());
-        let engine = Arc::new(Engine::new());
+        // With an identity source the entity data comes from the sync, and
+        // nothing is served before its first full sync.
+        let identity = config.identity.clone().filter(IdentityConfig::has_source);
+        let postgres = identity
+            .as_ref()
+            .and_then(|identity| identity.postgres.as_ref())
+            .map(|postgres| postgres.build())
+            .transpose()?;
+        let sync_status = identity
+            .as_ref()
+            .map(|identity| Arc::new(SyncStatus::new(identity.max_staleness())));
+        let engine = Arc::new(if identity.is_some() {
+            Engine::with_external_data()
+        } else {
+            Engine::new()
+        });
         let status = Arc::new(LoadStatus::default());
         let serving = Arc::new(AtomicBool::new(false));
 
@@ -130,7 +151,10 @@ impl Server {
             .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
         let (stop_tx, stop_rx) = watch::channel(false);
         let grpc_stop = wait_for_stop(stop_rx.clone());
-        let authorizer = AuthorizerService::new(engine.clone(), decision_metrics);
+        let mut authorizer = AuthorizerService::new(engine.clone(), decision_metrics);
+        if let (Some(identity), Some(status)) = (&identity, &sync_status) {
+            authorizer = authorizer.with_identity(status.clone(), identity.revision_wait());
+        }
         let grpc_server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health_service)
@@ -142,12 +166,23 @@ impl Server {
             engine: engine.clone(),
             status: status.clone(),
             serving: serving.clone(),
+            identity: sync_status.clone(),
         };
         let admin_server = tokio::spawn(admin::serve(
             admin,
             admin_state,
             wait_for_stop(stop_rx.clone()),
         ));
+
+        let sync = match (postgres, &sync_status) {
+            (Some(source), Some(status)) => Some(tokio::spawn(crate::identity::postgres::run(
+                source,
+                engine.clone(),
+                status.clone(),
+                stop_rx.clone(),
+            ))),
+            _ => None,
+        };
 
         // First load, off the async workers: files may be large or slow. The
         // watcher's baseline is taken first, so no edit falls in between.
@@ -169,6 +204,22 @@ impl Server {
         let loaded = tokio::select! {
             loaded = initial => Some(loaded?),
             () = &mut shutdown => None,
+        };
+        // Readiness also waits for the first full identity sync (the sync
+        // retries with backoff meanwhile).
+        let loaded = match (loaded, &sync_status) {
+            (Some(Ok(())), Some(status)) => {
+                let synced = async {
+                    while !status.is_synced() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                };
+                tokio::select! {
+                    () = synced => Some(Ok(())),
+                    () = &mut shutdown => None,
+                }
+            }
+            (loaded, _) => loaded,
         };
         match loaded {
             Some(Err(error)) => {
@@ -202,12 +253,39 @@ impl Server {
                     status.clone(),
                     stop_rx.clone(),
                 ));
+                // Past the maximum staleness, health reports NOT_SERVING
+                // (decisions continue from the cache and say so).
+                let freshness = sync_status.clone().map(|status| {
+                    let reporter = health_reporter.clone();
+                    let mut stop = stop_rx.clone();
+                    tokio::spawn(async move {
+                        let mut fresh = true;
+                        loop {
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                                _ = stop.changed() => return,
+                            }
+                            let now = status.is_fresh();
+                            if now != fresh {
+                                fresh = now;
+                                tracing::warn!(target: "arbiter::identity", fresh, staleness = ?status.staleness(), "identity data freshness changed");
+                                set_health(&reporter, if fresh { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+                            }
+                        }
+                    })
+                });
                 shutdown.await;
                 drop(watcher);
+                if let Some(freshness) = freshness {
+                    freshness.abort();
+                }
             }
             None => {}
         }
 
+        if let Some(sync) = sync {
+            sync.abort();
+        }
         tracing::info!("shutting down: draining in-flight calls");
         serving.store(false, Ordering::Release);
         set_health(&health_reporter, ServingStatus::NotServing).await;

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::app::ServeConfig;
 use crate::engine::loader::DEFAULT_DECISION_CACHE_CAPACITY;
 use crate::engine::{LoadOptions, OnEvaluationError, Sources};
+use crate::identity::IdentityConfig;
 
 /// The flags of `arbiter serve`. Each also reads `ARBITER_<NAME>`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -72,6 +73,8 @@ pub struct ConfigFile {
     pub decision_cache_size: Option<u64>,
     pub reload_interval_ms: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
+    /// `[identity]`: entity data synced from an identity store.
+    pub identity: Option<IdentityConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +116,13 @@ impl ServeArgs {
                 for p in [&mut file.policies, &mut file.schema, &mut file.entities] {
                     if let Some(path) = p.as_mut().filter(|path| path.is_relative()) {
                         *path = base.join(&*path);
+                    }
+                }
+                if let Some(postgres) = file.identity.as_mut().and_then(|i| i.postgres.as_mut()) {
+                    for p in [&mut postgres.url_file, &mut postgres.password_file] {
+                        if let Some(path) = p.as_mut().filter(|path| path.is_relative()) {
+                            *path = base.join(&*path);
+                        }
                     }
                 }
                 file
@@ -163,6 +173,7 @@ impl ServeArgs {
                 .or(file.shutdown_grace_secs)
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.shutdown_grace),
+            identity: file.identity,
         })
     }
 }

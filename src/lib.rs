@@ -5,7 +5,8 @@
 //! ```text
 //! gRPC ─▶ adapter (wire ⇄ domain) ─▶ engine::Engine::check ─▶ Decision ─▶ adapter ─▶ wire
 //!                                      │ reads Arc<Snapshot> (one atomic load)
-//!         reload (watch files) ────────┘ publishes a new Snapshot (atomic swap)
+//!         reload (watch files) ────────┤ publishes a new Snapshot (atomic swap)
+//!         identity (sync Postgres) ────┘ publishes new entity data (atomic swap)
 //! ```
 //!
 //! Layout:
@@ -14,6 +15,8 @@
 //! - [`engine`]: pure decisions: no IO, no await, no locks; loading lives in
 //!   [`engine::loader`], shared by the server and every CLI subcommand.
 //! - [`reload`]: hot reload of policy, schema and entity files.
+//! - [`identity`]: keeps entity data in sync with an identity store
+//!   (PostgreSQL), incrementally; writes the engine's data and nothing else.
 //! - [`app`]: builds the server from [`app::ServeConfig`], runs and drains it.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
 //! - [`config`]: flags, `ARBITER_*` env and the TOML file, merged.
@@ -26,6 +29,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod identity;
 pub mod reload;
 pub mod shutdown;
 pub mod telemetry;

@@ -22,6 +22,19 @@ command -v cargo >/dev/null 2>&1 || {
   exit 1
 }
 
+# The identity tests need PostgreSQL on 127.0.0.1:5432 (trust auth):
+# start the machine's cluster if it is not running (idempotent).
+if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+  for version in $(ls /etc/postgresql); do
+    if ! pg_ctlcluster "$version" main status >/dev/null 2>&1; then
+      echo "starting PostgreSQL $version" >&2
+      pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    fi
+  done
+else
+  echo "warning: PostgreSQL is not installed; tests/identity_postgres.rs will fail" >&2
+fi
+
 # Every target, benches included (criterion runs each bench once as a test).
 cargo test --locked --all-targets -- --include-ignored
 cargo test --locked --doc

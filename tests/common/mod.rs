@@ -34,6 +34,7 @@ pub fn config(sources: Sources) -> ServeConfig {
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         reload_interval: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(10),
+        identity: None,
     }
 }
 
@@ -160,5 +161,6 @@ pub fn saas(principal: &str, action: &str, resource_type: &str, resource: &str) 
         resource: uid(&format!("Saas::{resource_type}"), resource),
         context_json: r#"{"mfa": true, "source_ip": "10.1.2.3"}"#.into(),
         entities_json: String::new(),
+        min_data_revision: String::new(),
     }
 }
