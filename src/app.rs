@@ -121,10 +121,24 @@ impl Server {
         // With an identity source the entity data comes from the sync, and
         // nothing is served before its first full sync.
         let identity = config.identity.clone().filter(IdentityConfig::has_source);
+        if identity
+            .as_ref()
+            .is_some_and(|identity| identity.postgres.is_some() && identity.scim.is_some())
+        {
+            return Err(ServeError::Identity(IdentityError::Config {
+                key: "identity",
+                message: "configure one source: `[identity.postgres]` or `[identity.scim]`".into(),
+            }));
+        }
         let postgres = identity
             .as_ref()
             .and_then(|identity| identity.postgres.as_ref())
             .map(|postgres| postgres.build())
+            .transpose()?;
+        let scim = identity
+            .as_ref()
+            .and_then(|identity| identity.scim.as_ref())
+            .map(|scim| scim.build())
             .transpose()?;
         let sync_status = identity
             .as_ref()
@@ -174,8 +188,14 @@ impl Server {
             wait_for_stop(stop_rx.clone()),
         ));
 
-        let sync = match (postgres, &sync_status) {
-            (Some(source), Some(status)) => Some(tokio::spawn(crate::identity::postgres::run(
+        let sync = match (postgres, scim, &sync_status) {
+            (Some(source), _, Some(status)) => Some(tokio::spawn(crate::identity::postgres::run(
+                source,
+                engine.clone(),
+                status.clone(),
+                stop_rx.clone(),
+            ))),
+            (None, Some(source), Some(status)) => Some(tokio::spawn(crate::identity::scim::run(
                 source,
                 engine.clone(),
                 status.clone(),

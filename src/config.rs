@@ -118,6 +118,15 @@ impl ServeArgs {
                         *path = base.join(&*path);
                     }
                 }
+                if let Some(path) = file
+                    .identity
+                    .as_mut()
+                    .and_then(|i| i.scim.as_mut())
+                    .and_then(|scim| scim.token_file.as_mut())
+                    .filter(|path| path.is_relative())
+                {
+                    *path = base.join(&*path);
+                }
                 if let Some(postgres) = file.identity.as_mut().and_then(|i| i.postgres.as_mut()) {
                     for p in [&mut postgres.url_file, &mut postgres.password_file] {
                         if let Some(path) = p.as_mut().filter(|path| path.is_relative()) {

@@ -99,6 +99,7 @@ fn identity(database: &str) -> IdentityConfig {
             reconcile_interval_secs: Some(3600),
             ..PostgresConfig::default()
         }),
+        ..IdentityConfig::default()
     }
 }
 

@@ -35,6 +35,12 @@ else
   echo "warning: PostgreSQL is not installed; tests/identity_postgres.rs will fail" >&2
 fi
 
+# The SCIM tests start a real SCIM server: scim2-server from PyPI.
+if ! command -v scim2-server >/dev/null 2>&1; then
+  echo "installing scim2-server" >&2
+  python3 -m pip install --quiet scim2-server
+fi
+
 # Every target, benches included (criterion runs each bench once as a test).
 cargo test --locked --all-targets -- --include-ignored
 cargo test --locked --doc

@@ -1,8 +1,9 @@
 //! Identity sync: keeps the engine's entity data equal to an identity store
-//! (PostgreSQL today), incrementally, off the request path.
+//! (PostgreSQL or a SCIM 2.0 service provider), incrementally, off the
+//! request path.
 //!
 //! ```text
-//! source (postgres.rs) ─▶ Change::{Upsert,Delete} at a position ─▶ Applier ─▶ EntityStore
+//! source (postgres.rs, scim.rs) ─▶ Change::{Upsert,Delete} at a position ─▶ Applier ─▶ EntityStore
 //!                                                                    └▶ Engine::publish_data (atomic swap)
 //! ```
 //!
@@ -15,6 +16,7 @@
 //!   with a log line and a metric naming it; everything else keeps syncing.
 
 pub mod postgres;
+pub mod scim;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +30,7 @@ use crate::engine::entity_store::{EntityStore, StoreError, StoredEntity};
 use crate::engine::{Engine, EntityData};
 
 pub use postgres::PostgresConfig;
+pub use scim::ScimConfig;
 
 /// The `[identity]` table of the config file.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -40,6 +43,7 @@ pub struct IdentityConfig {
     /// it before failing with `FAILED_PRECONDITION` [default: 5000].
     pub revision_wait_ms: Option<u64>,
     pub postgres: Option<PostgresConfig>,
+    pub scim: Option<ScimConfig>,
 }
 
 impl IdentityConfig {
@@ -59,7 +63,7 @@ impl IdentityConfig {
     /// True when a source is configured (the engine then takes its data
     /// from the sync, not from the entities file).
     pub fn has_source(&self) -> bool {
-        self.postgres.is_some()
+        self.postgres.is_some() || self.scim.is_some()
     }
 }
 
@@ -71,6 +75,8 @@ pub enum IdentityError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("tls: {0}")]
     Tls(#[from] native_tls::Error),
+    #[error("scim: {0}")]
+    Scim(#[from] scim::ScimError),
     #[error("the connection to the identity store closed")]
     Closed,
 }
