@@ -11,12 +11,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arbiter::engine::entity_store::{EntityStore, StoredEntity};
 use arbiter::engine::loader::{Inputs, SourceFile, build};
 use arbiter::engine::{CheckInput, Engine, EntityData, LoadOptions, UidInput};
-use arbiter::identity::{Applier, Change, SyncStatus};
 use cedar_policy::{Entity, EntityUid, RestrictedExpression};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
@@ -168,25 +167,18 @@ fn identity(c: &mut Criterion) {
 
     let mut changes = c.benchmark_group("identity_apply_one_change");
     for (label, users) in [(change_small, store(change_small)), (large, big.clone())] {
+        // What `identity::Applier::apply` does for one change: upsert into
+        // the persistent store (checks included) and publish a snapshot.
         let engine = engine_with(users.clone());
-        let mut applier = Applier::new(
-            engine,
-            Arc::new(SyncStatus::new(Duration::from_secs(60))),
-            "bench",
-        );
-        // Seed the applier's store with the whole population once.
-        applier.replace_all(
-            users.iter().map(|e| (e.uid(), Ok((**e).clone()))).collect(),
-            3,
-        );
-        let mut position = 4;
+        let mut current = users;
+        let mut position = 2;
         let mut n = 0usize;
         changes.bench_function(BenchmarkId::from_parameter(label), |b| {
             b.iter(|| {
                 n = (n + 7919) % label;
                 position += 1;
-                let changed = user(n, (position % 4) as i64);
-                applier.apply(vec![Change::Upsert(changed.uid(), Ok(changed))], position);
+                current.upsert(user(n, (position % 4) as i64)).unwrap();
+                engine.publish_data(EntityData::from_store(current.clone(), position));
             });
         });
     }

@@ -6,7 +6,7 @@
 //! gRPC ─▶ adapter (wire ⇄ domain) ─▶ engine::Engine::check ─▶ Decision ─▶ adapter ─▶ wire
 //!                                      │ reads Arc<Snapshot> (one atomic load)
 //!         reload (watch files) ────────┤ publishes a new Snapshot (atomic swap)
-//!         identity (sync Postgres) ────┘ publishes new entity data (atomic swap)
+//!         identity (Postgres, SCIM) ───┘ publishes new entity data (atomic swap)
 //! ```
 //!
 //! Layout:
@@ -16,7 +16,7 @@
 //!   [`engine::loader`], shared by the server and every CLI subcommand.
 //! - [`reload`]: hot reload of policy, schema and entity files.
 //! - [`identity`]: keeps entity data in sync with an identity store
-//!   (PostgreSQL), incrementally; writes the engine's data and nothing else.
+//!   (PostgreSQL, SCIM 2.0), incrementally; writes the engine's data and nothing else.
 //! - [`app`]: builds the server from [`app::ServeConfig`], runs and drains it.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
 //! - [`config`]: flags, `ARBITER_*` env and the TOML file, merged.
