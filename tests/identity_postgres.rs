@@ -501,3 +501,82 @@ async fn reconciliation_repairs_and_reports_drift() {
     server.stop().await.unwrap();
     db.drop().await;
 }
+
+/// Measurement, not a timed test: from COMMIT to the first decision that
+/// reflects it (NOTIFY-driven), and a membership change of a group with
+/// 10,000 members. Prints the figures; asserts only correctness.
+/// `cargo test --release --test identity_postgres -- --ignored --nocapture latency`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run with --ignored --nocapture"]
+async fn latency_commit_to_decision() {
+    let db = TestDb::create(SEED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut identity = identity(&db.name);
+    // Only NOTIFY makes changes prompt.
+    identity.postgres.as_mut().unwrap().poll_interval_ms = Some(60_000);
+    let server = start(&dir, identity).await;
+    let mut client = server.client().await;
+    let mut ask = async |principal: &str| {
+        client
+            .check(request(principal, "read", ("Saas::Document", "d"), ""))
+            .await
+            .unwrap()
+            .into_inner()
+            .decision
+            == Decision::Allow as i32
+    };
+
+    let mut samples = Vec::new();
+    for i in 0..100 {
+        let expected = i % 2 == 0;
+        let sql = if expected {
+            "INSERT INTO memberships VALUES ('ann', 'eng')"
+        } else {
+            "DELETE FROM memberships WHERE user_id = 'ann'"
+        };
+        db.client.batch_execute(sql).await.unwrap();
+        let committed = std::time::Instant::now();
+        while ask("ann").await != expected {
+            assert!(committed.elapsed() < Duration::from_secs(10));
+        }
+        samples.push(committed.elapsed());
+    }
+    samples.sort();
+    println!(
+        "COMMIT -> decision: p50 {:?}, p99 {:?}, max {:?} ({} samples)",
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+        samples[samples.len() - 1],
+        samples.len()
+    );
+
+    // A group of 10,000 members moved out of eng: every member's decision
+    // changes with one change-log row.
+    let started = std::time::Instant::now();
+    db.client
+        .batch_execute(
+            "INSERT INTO groups VALUES ('big', 'acme', 'Big', 'eng'); \
+             INSERT INTO users SELECT 'm' || n, 'acme', 'm@acme.test', 'active', '{}' \
+               FROM generate_series(1, 10000) AS n; \
+             INSERT INTO memberships SELECT 'm' || n, 'big' FROM generate_series(1, 10000) AS n;",
+        )
+        .await
+        .unwrap();
+    while !ask("m10000").await {
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+    println!("10,000 new members synced in {:?}", started.elapsed());
+    db.client
+        .batch_execute("UPDATE groups SET parent_id = NULL WHERE id = 'big'")
+        .await
+        .unwrap();
+    let committed = std::time::Instant::now();
+    while ask("m5000").await {
+        assert!(committed.elapsed() < Duration::from_secs(10));
+    }
+    let first = committed.elapsed();
+    assert!(!ask("m1").await && !ask("m10000").await);
+    println!("moving a group of 10,000 members: visible in {first:?}");
+    server.stop().await.unwrap();
+    db.drop().await;
+}
