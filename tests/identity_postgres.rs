@@ -580,3 +580,42 @@ async fn latency_commit_to_decision() {
     server.stop().await.unwrap();
     db.drop().await;
 }
+
+/// The embedded example policies (with their schema and action groups)
+/// over identity data from Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_schema_and_action_groups_over_synced_data() {
+    let seed = format!(
+        "{SEED}
+         INSERT INTO roles VALUES ('admin', NULL, 'admin', 'editor'), ('acme/admin', 'acme', 'admin', 'admin');
+         INSERT INTO role_assignments VALUES ('bob', 'acme/admin');"
+    );
+    let db = TestDb::create(&seed).await;
+    let mut config = config(Sources::default());
+    config.identity = Some(identity(&db.name));
+    let server = TestServer::start(config).await;
+    let admin = |mfa: bool, tenant: &str| CheckRequest {
+        principal: uid("Saas::User", "bob"),
+        action: uid("Saas::Action", "admin"),
+        resource: uid("Saas::Tenant", tenant),
+        context_json: format!(r#"{{"mfa": {mfa}, "source_ip": "10.1.2.3"}}"#),
+        entities_json: String::new(),
+        min_data_revision: String::new(),
+    };
+    // `action in Saas::Action::"tenant_administration"` needs the schema's
+    // action groups, which synced data does not carry.
+    let response = check(&server, admin(true, "acme")).await;
+    assert_eq!(response.decision, Decision::Allow as i32, "{response:?}");
+    assert_eq!(response.reasons, ["admin-can-administer-tenant"]);
+    let response = check(&server, admin(false, "acme")).await;
+    assert_eq!(response.decision, Decision::Deny as i32, "{response:?}");
+    assert!(
+        response
+            .reasons
+            .contains(&"admin-actions-require-mfa".to_string())
+    );
+    let response = check(&server, admin(true, "globex")).await;
+    assert_eq!(response.decision, Decision::Deny as i32, "{response:?}");
+    server.stop().await.unwrap();
+    db.drop().await;
+}

@@ -267,7 +267,24 @@ impl Engine {
                 } else {
                     Entities::empty()
                 };
-                let slice = snapshot.data.slice_with_overlay(roots, &overlay);
+                let mut slice = snapshot.data.slice_with_overlay(roots, &overlay);
+                if let (None, Some(actions)) = (snapshot.data.whole(), &policies.action_entities) {
+                    // Synced data has no action entities: add the request's
+                    // action and its groups from the schema.
+                    let action = request.action().cloned();
+                    let ancestors = action
+                        .iter()
+                        .flat_map(|uid| actions.ancestors(uid).into_iter().flatten())
+                        .cloned()
+                        .collect::<Vec<_>>();
+                    for uid in action.into_iter().chain(ancestors) {
+                        if let Some(entity) = actions.get(&uid)
+                            && !slice.iter().any(|present| present.uid() == uid)
+                        {
+                            slice.push(entity.clone());
+                        }
+                    }
+                }
                 let entities = Entities::from_entities(slice, None)
                     .map_err(|error| RequestError::invalid(RequestField::Entities, error))?;
                 self.authorizer

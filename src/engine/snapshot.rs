@@ -54,6 +54,9 @@ pub struct PolicySnapshot {
     /// The actions the schema declares, to name an unknown action as such
     /// before its context is parsed against the schema.
     pub(crate) declared_actions: HashSet<EntityUid>,
+    /// The schema's action entities (with their action groups), for data
+    /// that does not carry them (synced identity data).
+    pub(crate) action_entities: Option<Entities>,
 }
 
 impl PolicySnapshot {
@@ -72,6 +75,9 @@ impl PolicySnapshot {
                 .as_ref()
                 .map(|schema| schema.actions().cloned().collect())
                 .unwrap_or_default(),
+            action_entities: schema
+                .as_ref()
+                .and_then(|schema| schema.action_entities().ok()),
             policies,
             schema,
             revision,
