@@ -32,6 +32,7 @@ impl EmptyAuthorizer {
                 decision_id: "00000000-0000-7000-8000-000000000000".to_owned(),
                 policy_revision: "0000000000000000".to_owned(),
                 data_revision: "0000000000000000".to_owned(),
+                data_stale: false,
             },
         }
     }

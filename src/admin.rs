@@ -13,6 +13,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::engine::Engine;
+use crate::identity::SyncStatus;
 use crate::reload::LoadStatus;
 
 /// What the admin endpoints read.
@@ -22,6 +23,8 @@ pub struct AdminState {
     pub status: Arc<LoadStatus>,
     /// False before the first load and while draining.
     pub serving: Arc<AtomicBool>,
+    /// The identity sync, when a source is configured.
+    pub identity: Option<Arc<SyncStatus>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -43,7 +46,22 @@ pub async fn serve(
 }
 
 async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
-    let serving = state.serving.load(Ordering::Acquire);
+    // Not ready past the identity sync's maximum staleness; decisions
+    // still continue from the cache (and say their data is stale).
+    let identity_fresh = state
+        .identity
+        .as_ref()
+        .is_none_or(|status| status.is_fresh());
+    let serving = state.serving.load(Ordering::Acquire) && identity_fresh;
+    let identity = state.identity.as_ref().map(|status| {
+        serde_json::json!({
+            "synced": status.is_synced(),
+            "fresh": status.is_fresh(),
+            "staleness_ms": status.staleness().as_millis() as u64,
+            "max_staleness_ms": status.max_staleness.as_millis() as u64,
+            "last_error": status.last_error.load_full().as_deref(),
+        })
+    });
     let snapshot = state.engine.snapshot();
     let last_error = state.status.last_error.load_full();
     let last_success = state
@@ -60,6 +78,7 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
         "entities": snapshot.as_ref().map(|s| s.data.len()),
         "last_reload_error": last_error.as_deref(),
         "last_load_unix_seconds": last_success,
+        "identity": identity,
     });
     let code = if serving {
         StatusCode::OK

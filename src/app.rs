@@ -15,11 +15,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::adapter::authorizer::AuthorizerService;
-use crate::adapter::ext_authz::{self, ExtAuthzConfig, ExtAuthzError};
 use crate::adapter::decision_log::DecisionLogService;
+use crate::adapter::ext_authz::{self, ExtAuthzConfig, ExtAuthzError};
 use crate::admin::{self, AdminState};
 use crate::decision_log::{DecisionLog, DecisionLogConfig, DecisionLogError};
 use crate::engine::{Engine, LoadError, LoadOptions, Sources};
+use crate::identity::{IdentityConfig, IdentityError, SyncStatus};
 use crate::proto::v1::authorizer_server::AuthorizerServer;
 use crate::proto::v1::decision_log_server::DecisionLogServer;
 use crate::reload::{self, LoadStatus};
@@ -44,6 +45,8 @@ pub struct ServeConfig {
     /// `[decision_log]`. Off in `ServeConfig::default()` (embedders and
     /// tests opt in); `arbiter serve` resolves it on, to stdout, by default.
     pub decision_log: DecisionLogConfig,
+    /// Entity data synced from an identity store instead of the entities file.
+    pub identity: Option<IdentityConfig>,
 }
 
 /// A Unix-domain-socket gRPC listener (Envoy sidecars often use one).
@@ -66,6 +69,7 @@ impl Default for ServeConfig {
             ext_authz: None,
             uds: None,
             decision_log: DecisionLogConfig::disabled(),
+            identity: None,
         }
     }
 }
@@ -86,6 +90,8 @@ pub enum ServeError {
     },
     #[error("invalid `[ext_authz]`: {0}")]
     ExtAuthz(#[from] ExtAuthzError),
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("internal task failed: {0}")]
@@ -152,7 +158,36 @@ impl Server {
         telemetry::prometheus();
         let decision_metrics = Arc::new(DecisionMetrics::register());
         let reload_metrics = Arc::new(ReloadMetrics::register());
-        let engine = Arc::new(Engine::new());
+        // With an identity source the entity data comes from the sync, and
+        // nothing is served before its first full sync.
+        let identity = config.identity.clone().filter(IdentityConfig::has_source);
+        if identity
+            .as_ref()
+            .is_some_and(|identity| identity.postgres.is_some() && identity.scim.is_some())
+        {
+            return Err(ServeError::Identity(IdentityError::Config {
+                key: "identity",
+                message: "configure one source: `[identity.postgres]` or `[identity.scim]`".into(),
+            }));
+        }
+        let postgres = identity
+            .as_ref()
+            .and_then(|identity| identity.postgres.as_ref())
+            .map(|postgres| postgres.build())
+            .transpose()?;
+        let scim = identity
+            .as_ref()
+            .and_then(|identity| identity.scim.as_ref())
+            .map(|scim| scim.build())
+            .transpose()?;
+        let sync_status = identity
+            .as_ref()
+            .map(|identity| Arc::new(SyncStatus::new(identity.max_staleness())));
+        let engine = Arc::new(if identity.is_some() {
+            Engine::with_external_data()
+        } else {
+            Engine::new()
+        });
         // The decision log starts first, so records an earlier run left in
         // the spool are on their way while the policies load.
         let default_spool = std::env::temp_dir().join(format!(
@@ -177,8 +212,11 @@ impl Server {
             .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
         let (stop_tx, stop_rx) = watch::channel(false);
         let grpc_stop = wait_for_stop(stop_rx.clone());
-        let authorizer = AuthorizerService::new(engine.clone(), decision_metrics.clone())
+        let mut authorizer = AuthorizerService::new(engine.clone(), decision_metrics.clone())
             .with_decision_log(decision_log.logger());
+        if let (Some(identity), Some(status)) = (&identity, &sync_status) {
+            authorizer = authorizer.with_identity(status.clone(), identity.revision_wait());
+        }
         let mut routes = tonic::service::Routes::new(health_service)
             .add_service(reflection)
             .add_service(AuthorizerServer::new(authorizer))
@@ -210,12 +248,29 @@ impl Server {
             engine: engine.clone(),
             status: status.clone(),
             serving: serving.clone(),
+            identity: sync_status.clone(),
         };
         let admin_server = tokio::spawn(admin::serve(
             admin,
             admin_state,
             wait_for_stop(stop_rx.clone()),
         ));
+
+        let sync = match (postgres, scim, &sync_status) {
+            (Some(source), _, Some(status)) => Some(tokio::spawn(crate::identity::postgres::run(
+                source,
+                engine.clone(),
+                status.clone(),
+                stop_rx.clone(),
+            ))),
+            (None, Some(source), Some(status)) => Some(tokio::spawn(crate::identity::scim::run(
+                source,
+                engine.clone(),
+                status.clone(),
+                stop_rx.clone(),
+            ))),
+            _ => None,
+        };
 
         // First load, off the async workers: files may be large or slow. The
         // watcher's baseline is taken first, so no edit falls in between.
@@ -237,6 +292,22 @@ impl Server {
         let loaded = tokio::select! {
             loaded = initial => Some(loaded?),
             () = &mut shutdown => None,
+        };
+        // Readiness also waits for the first full identity sync (the sync
+        // retries with backoff meanwhile).
+        let loaded = match (loaded, &sync_status) {
+            (Some(Ok(())), Some(status)) => {
+                let synced = async {
+                    while !status.is_synced() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                };
+                tokio::select! {
+                    () = synced => Some(Ok(())),
+                    () = &mut shutdown => None,
+                }
+            }
+            (loaded, _) => loaded,
         };
         match loaded {
             Some(Err(error)) => {
@@ -271,12 +342,39 @@ impl Server {
                     status.clone(),
                     stop_rx.clone(),
                 ));
+                // Past the maximum staleness, health reports NOT_SERVING
+                // (decisions continue from the cache and say so).
+                let freshness = sync_status.clone().map(|status| {
+                    let reporter = health_reporter.clone();
+                    let mut stop = stop_rx.clone();
+                    tokio::spawn(async move {
+                        let mut fresh = true;
+                        loop {
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                                _ = stop.changed() => return,
+                            }
+                            let now = status.is_fresh();
+                            if now != fresh {
+                                fresh = now;
+                                tracing::warn!(target: "arbiter::identity", fresh, staleness = ?status.staleness(), "identity data freshness changed");
+                                set_health(&reporter, if fresh { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+                            }
+                        }
+                    })
+                });
                 shutdown.await;
                 drop(watcher);
+                if let Some(freshness) = freshness {
+                    freshness.abort();
+                }
             }
             None => {}
         }
 
+        if let Some(sync) = sync {
+            sync.abort();
+        }
         tracing::info!("shutting down: draining in-flight calls");
         serving.store(false, Ordering::Release);
         set_health(&health_reporter, ServingStatus::NotServing).await;

@@ -13,6 +13,7 @@ use crate::app::{ServeConfig, UdsConfig};
 use crate::decision_log::DecisionLogConfig;
 use crate::engine::loader::DEFAULT_DECISION_CACHE_CAPACITY;
 use crate::engine::{LoadOptions, OnEvaluationError, Sources};
+use crate::identity::IdentityConfig;
 
 /// The flags of `arbiter serve`. Each also reads `ARBITER_<NAME>`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -86,6 +87,8 @@ pub struct ConfigFile {
     pub ext_authz: Option<ExtAuthzConfig>,
     /// `[decision_log]`: see the README; logging to stdout when absent.
     pub decision_log: Option<DecisionLogConfig>,
+    /// `[identity]`: entity data synced from an identity store.
+    pub identity: Option<IdentityConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +147,22 @@ impl ServeArgs {
                 }
                 if let Some(log) = file.decision_log.as_mut() {
                     log.make_paths_relative_to(base);
+                }
+                if let Some(path) = file
+                    .identity
+                    .as_mut()
+                    .and_then(|i| i.scim.as_mut())
+                    .and_then(|scim| scim.token_file.as_mut())
+                    .filter(|path| path.is_relative())
+                {
+                    *path = base.join(&*path);
+                }
+                if let Some(postgres) = file.identity.as_mut().and_then(|i| i.postgres.as_mut()) {
+                    for p in [&mut postgres.url_file, &mut postgres.password_file] {
+                        if let Some(path) = p.as_mut().filter(|path| path.is_relative()) {
+                            *path = base.join(&*path);
+                        }
+                    }
                 }
                 file
             }
@@ -221,6 +240,7 @@ impl ServeArgs {
                     mode: uds_mode,
                 }),
             ext_authz: file.ext_authz,
+            identity: file.identity,
         })
     }
 }

@@ -6,8 +6,8 @@
 //! gRPC  ─▶ adapter (wire ⇄ domain) ─▶ engine::Engine::check ─▶ Decision ─▶ adapter ─▶ wire
 //! Envoy ─▶ adapter::ext_authz (mapping) ─▶ engine::Engine::check_with ─┘           │
 //!                                      │ reads Arc<Snapshot> (one atomic load)      ▼
-//!         reload (watch files) ────────┘ publishes a new Snapshot          decision_log: queue
-//!                                                                          ─▶ spool ─▶ sinks
+//!         reload (watch files) ────────┤ publishes a new Snapshot          decision_log: queue
+//!         identity (Postgres, SCIM) ───┘ publishes new entity data         ─▶ spool ─▶ sinks
 //! ```
 //!
 //! Layout:
@@ -19,6 +19,8 @@
 //! - [`decision_log`]: every decision, redacted, to a write-ahead spool
 //!   and from there to stdout, file, NATS JetStream and gRPC collector sinks.
 //! - [`reload`]: hot reload of policy, schema and entity files.
+//! - [`identity`]: keeps entity data in sync with an identity store
+//!   (PostgreSQL, SCIM 2.0), incrementally; writes the engine's data and nothing else.
 //! - [`app`]: builds the server from [`app::ServeConfig`], runs and drains it.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
 //! - [`config`]: flags, `ARBITER_*` env and the TOML file, merged.
@@ -32,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod decision_log;
 pub mod engine;
+pub mod identity;
 pub mod reload;
 pub mod shutdown;
 pub mod telemetry;

@@ -39,6 +39,28 @@ if ! python3 -c 'import envoy_data_plane, grpc' >/dev/null 2>&1; then
       envoy-data-plane==2.2.0 grpcio
 fi
 
-# Every target, benches included (criterion runs each bench once as a test).
-cargo test --locked --all-targets -- --include-ignored
+# The identity tests need PostgreSQL on 127.0.0.1:5432 (trust auth):
+# start the machine's cluster if it is not running (idempotent).
+if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+  for version in $(ls /etc/postgresql); do
+    if ! pg_ctlcluster "$version" main status >/dev/null 2>&1; then
+      echo "starting PostgreSQL $version" >&2
+      pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    fi
+  done
+else
+  echo "warning: PostgreSQL is not installed; tests/identity_postgres.rs will fail" >&2
+fi
+
+# The SCIM tests start a real SCIM server: scim2-server from PyPI.
+if ! command -v scim2-server >/dev/null 2>&1; then
+  echo "installing scim2-server" >&2
+  python3 -m pip install --quiet scim2-server
+fi
+
+# Every target, benches included (criterion runs each bench once as a test),
+# then the whole Cedar conformance corpus in-process (ignored by default: it
+# takes minutes in a debug build).
+cargo test --locked --all-targets
+cargo test --locked --test conformance whole_corpus -- --ignored
 cargo test --locked --doc

@@ -5,12 +5,14 @@
 //! here.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
 use super::status;
 use crate::decision_log::{Caller, DecisionEvent, DecisionLogger, Transport, Uid};
 use crate::engine::{CheckInput, Decision, Engine, UidInput};
+use crate::identity::SyncStatus;
 use crate::proto::v1 as pb;
 use crate::proto::v1::authorizer_server::Authorizer;
 use crate::telemetry::DecisionMetrics;
@@ -24,6 +26,7 @@ pub struct AuthorizerService {
     engine: Arc<Engine>,
     metrics: Arc<DecisionMetrics>,
     log: DecisionLogger,
+    identity: Option<(Arc<SyncStatus>, Duration)>,
 }
 
 impl AuthorizerService {
@@ -33,12 +36,58 @@ impl AuthorizerService {
             engine,
             metrics,
             log: DecisionLogger::disabled(),
+            identity: None,
         }
     }
 
     pub fn with_decision_log(mut self, log: DecisionLogger) -> Self {
         self.log = log;
         self
+    }
+
+    /// Data comes from an identity sync: `min_data_revision` waits up to
+    /// `revision_wait` for it, and decisions report stale data.
+    pub fn with_identity(mut self, status: Arc<SyncStatus>, revision_wait: Duration) -> Self {
+        self.identity = Some((status, revision_wait));
+        self
+    }
+
+    fn stale(&self) -> bool {
+        self.identity
+            .as_ref()
+            .is_some_and(|(status, _)| !status.is_fresh())
+    }
+
+    /// Waits until the data served is at least `min` (a source position).
+    async fn wait_for_revision(&self, min: Option<u64>) -> Result<(), Status> {
+        let Some(wanted) = min else {
+            return Ok(());
+        };
+        let mut positions = self.engine.positions();
+        let Some((_, wait)) = &self.identity else {
+            return Err(status::revision_not_reached(
+                wanted,
+                None,
+                "no identity source with revisions is configured",
+            ));
+        };
+        let reached = matches!(
+            tokio::time::timeout(
+                *wait,
+                positions.wait_for(|position| position.is_some_and(|p| p >= wanted)),
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        if reached {
+            return Ok(());
+        }
+        let current = *positions.borrow();
+        Err(status::revision_not_reached(
+            wanted,
+            current,
+            &format!("sync did not reach it within {wait:?}"),
+        ))
     }
 }
 
@@ -86,6 +135,22 @@ fn event(
     event
 }
 
+/// The highest `min_data_revision` among requests (`None`: no requirement).
+fn min_revision<'a>(
+    requests: impl IntoIterator<Item = &'a pb::CheckRequest>,
+) -> Result<Option<u64>, Status> {
+    let mut highest = None;
+    for request in requests {
+        let text = request.min_data_revision.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let wanted: u64 = text.parse().map_err(|_| status::invalid_revision(text))?;
+        highest = highest.max(Some(wanted));
+    }
+    Ok(highest)
+}
+
 fn uid(uid: Option<&pb::EntityUid>) -> Option<UidInput<'_>> {
     uid.map(|uid| UidInput {
         type_name: &uid.r#type,
@@ -103,7 +168,7 @@ fn input(request: &pb::CheckRequest) -> CheckInput<'_> {
     }
 }
 
-fn response(decision: &Decision) -> pb::CheckResponse {
+fn response(decision: &Decision, data_stale: bool) -> pb::CheckResponse {
     pb::CheckResponse {
         decision: if decision.allowed {
             pb::Decision::Allow as i32
@@ -122,6 +187,7 @@ fn response(decision: &Decision) -> pb::CheckResponse {
         decision_id: decision.decision_id.clone(),
         policy_revision: decision.policy_revision.to_string(),
         data_revision: decision.data_revision.to_string(),
+        data_stale,
     }
 }
 
@@ -131,12 +197,14 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
+        let min = min_revision([request.get_ref()])?;
+        self.wait_for_revision(min).await?;
         let facts = call_facts(&self.log, &request);
         let request = request.into_inner();
         match self.engine.check(&input(&request)) {
             Ok(decision) => {
                 self.metrics.record(&decision);
-                let answer = response(&decision);
+                let answer = response(&decision, self.stale());
                 if let Some((caller, traceparent)) = facts {
                     self.log
                         .log(event(request, decision, caller, traceparent))
@@ -164,6 +232,9 @@ impl Authorizer for AuthorizerService {
                 checks.len()
             )));
         }
+        let min = min_revision(&checks)?;
+        self.wait_for_revision(min).await?;
+        let stale = self.stale();
         let inputs: Vec<CheckInput<'_>> = checks.iter().map(input).collect();
         let outcome = self.engine.check_all(&inputs);
         drop(inputs);
@@ -173,7 +244,7 @@ impl Authorizer for AuthorizerService {
                     .iter()
                     .map(|decision| {
                         self.metrics.record(decision);
-                        response(decision)
+                        response(decision, stale)
                     })
                     .collect();
                 if let Some((caller, traceparent)) = facts {

@@ -4,6 +4,6 @@
 //! [`Decision`](crate::engine::Decision) or error back into a wire answer.
 
 pub mod authorizer;
-pub mod ext_authz;
 pub mod decision_log;
+pub mod ext_authz;
 pub mod status;

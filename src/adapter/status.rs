@@ -23,3 +23,19 @@ pub fn batch_item_error(index: usize, error: &RequestError) -> Status {
         RequestError::NotReady => Status::unavailable(error.to_string()),
     }
 }
+
+/// `min_data_revision` that is not a revision.
+pub fn invalid_revision(text: &str) -> Status {
+    Status::invalid_argument(format!(
+        "`min_data_revision` must be a data revision (a source position, a number), got `{text}`"
+    ))
+}
+
+/// Sync did not reach `min_data_revision` in time, or cannot (no source
+/// with positions): the caller may retry later.
+pub fn revision_not_reached(wanted: u64, current: Option<u64>, detail: &str) -> Status {
+    let current = current.map_or_else(|| "none".to_string(), |p| p.to_string());
+    Status::failed_precondition(format!(
+        "data revision {wanted} not reached (current: {current}): {detail}"
+    ))
+}

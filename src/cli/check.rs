@@ -150,6 +150,7 @@ fn ask_server(
         resource: uid(2),
         context_json: context.to_owned(),
         entities_json: entities_json.to_owned(),
+        min_data_revision: String::new(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -8,12 +8,13 @@
 
 mod decision;
 mod decision_cache;
+pub mod entity_store;
 mod error;
 pub mod loader;
 mod request_entities;
 mod snapshot;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
@@ -51,10 +52,38 @@ pub struct CheckInput<'a> {
 }
 
 /// Holds the current snapshot and answers checks against it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Engine {
     current: ArcSwapOption<Snapshot>,
     authorizer: Authorizer,
+    /// Publishers only (never a decision): the parts the next snapshot is
+    /// assembled from, so a policy reload and a data update cannot undo
+    /// each other.
+    parts: Mutex<Parts>,
+    /// The entity data comes from an identity source ([`Engine::publish_data`]),
+    /// not from the files a policy reload reads.
+    external_data: bool,
+    /// The source position of the data now served, for `min_data_revision`.
+    positions: tokio::sync::watch::Sender<Option<u64>>,
+}
+
+#[derive(Debug, Default)]
+struct Parts {
+    policies: Option<Arc<PolicySnapshot>>,
+    data: Option<Arc<EntityData>>,
+    decision_cache_capacity: u64,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine {
+            current: ArcSwapOption::empty(),
+            authorizer: Authorizer::new(),
+            parts: Mutex::new(Parts::default()),
+            external_data: false,
+            positions: tokio::sync::watch::Sender::new(None),
+        }
+    }
 }
 
 impl Engine {
@@ -62,9 +91,53 @@ impl Engine {
         Self::default()
     }
 
-    /// Makes `snapshot` the state every later decision sees.
+    /// An engine whose entity data is published by an identity sync: it
+    /// serves nothing until both a policy set and the first data are in.
+    pub fn with_external_data() -> Self {
+        Engine {
+            external_data: true,
+            ..Self::default()
+        }
+    }
+
+    /// Makes `snapshot` the state every later decision sees. With external
+    /// data only its policies are taken; the data stays the synced one.
     pub fn publish(&self, snapshot: Snapshot) {
-        self.current.store(Some(Arc::new(snapshot)));
+        let mut parts = self.parts.lock().unwrap_or_else(PoisonError::into_inner);
+        parts.policies = Some(snapshot.policies.clone());
+        parts.decision_cache_capacity = snapshot.decision_cache_capacity;
+        if self.external_data {
+            self.assemble(&parts);
+        } else {
+            parts.data = Some(snapshot.data.clone());
+            let position = snapshot.data.position;
+            self.current.store(Some(Arc::new(snapshot)));
+            self.positions.send_replace(position);
+        }
+    }
+
+    /// Makes `data` the entity data every later decision sees, with the
+    /// current policies (an atomic swap, like a policy reload).
+    pub fn publish_data(&self, data: EntityData) {
+        let mut parts = self.parts.lock().unwrap_or_else(PoisonError::into_inner);
+        parts.data = Some(Arc::new(data));
+        self.assemble(&parts);
+    }
+
+    fn assemble(&self, parts: &Parts) {
+        if let (Some(policies), Some(data)) = (&parts.policies, &parts.data) {
+            self.current.store(Some(Arc::new(Snapshot::new(
+                policies.clone(),
+                data.clone(),
+                parts.decision_cache_capacity,
+            ))));
+            self.positions.send_replace(data.position);
+        }
+    }
+
+    /// Watches the source position of the data being served.
+    pub fn positions(&self) -> tokio::sync::watch::Receiver<Option<u64>> {
+        self.positions.subscribe()
     }
 
     /// The current snapshot, if one was published.
@@ -189,14 +262,16 @@ impl Engine {
         }
         let has_json_overlay = !input.entities_json.trim().is_empty();
         let has_overlay = has_json_overlay || scope.is_some();
-        let context_keys: Vec<String> = match (&context_value, has_overlay) {
+        // Synced data is never one Cedar `Entities`: every decision gets its slice.
+        let needs_slice = has_overlay || snapshot.data.whole().is_none();
+        let context_keys: Vec<String> = match (&context_value, needs_slice) {
             (Some(serde_json::Value::Object(fields)), true) => fields.keys().cloned().collect(),
             _ => Vec::new(),
         };
         let context = parse_context(context_value, schema, &action, policies.validate_requests)?;
         // The roots of the overlay's slice: the request's entities, those
         // named in the context, and those named literally in policies.
-        let roots = if has_overlay {
+        let roots = if needs_slice {
             let mut roots = vec![principal.clone(), action.clone(), resource.clone()];
             for key in &context_keys {
                 if let Some(value) = context.get(key) {
@@ -217,24 +292,45 @@ impl Engine {
         let request = Request::new(principal, action, resource, context, request_schema)
             .map_err(|error| RequestError::invalid_because(request_error_field(&error), &error))?;
 
-        let response = if has_overlay {
-            let overlay = if has_json_overlay {
-                parse_overlay(input.entities_json, schema)?
-            } else {
-                Entities::empty()
-            };
-            let overlay = match scope {
-                Some(scope) => merge_request_entities(&snapshot.data, overlay, scope, schema)?,
-                None => overlay,
-            };
-            let slice = snapshot.data.slice_with_overlay(roots, &overlay);
-            let entities = Entities::from_entities(slice, None)
-                .map_err(|error| RequestError::invalid_because(RequestField::Entities, &error))?;
-            self.authorizer
-                .is_authorized(&request, &policies.policies, &entities)
-        } else {
-            self.authorizer
-                .is_authorized(&request, &policies.policies, &snapshot.data.entities)
+        let response = match snapshot.data.whole() {
+            Some(entities) if !has_overlay => {
+                self.authorizer
+                    .is_authorized(&request, &policies.policies, entities)
+            }
+            _ => {
+                let overlay = if has_json_overlay {
+                    parse_overlay(input.entities_json, schema)?
+                } else {
+                    Entities::empty()
+                };
+                let overlay = match scope {
+                    Some(scope) => merge_request_entities(&snapshot.data, overlay, scope, schema)?,
+                    None => overlay,
+                };
+                let mut slice = snapshot.data.slice_with_overlay(roots, &overlay);
+                if let (None, Some(actions)) = (snapshot.data.whole(), &policies.action_entities) {
+                    // Synced data has no action entities: add the request's
+                    // action and its groups from the schema.
+                    let action = request.action().cloned();
+                    let ancestors = action
+                        .iter()
+                        .flat_map(|uid| actions.ancestors(uid).into_iter().flatten())
+                        .cloned()
+                        .collect::<Vec<_>>();
+                    for uid in action.into_iter().chain(ancestors) {
+                        if let Some(entity) = actions.get(&uid)
+                            && !slice.iter().any(|present| present.uid() == uid)
+                        {
+                            slice.push(entity.clone());
+                        }
+                    }
+                }
+                let entities = Entities::from_entities(slice, None).map_err(|error| {
+                    RequestError::invalid_because(RequestField::Entities, &error)
+                })?;
+                self.authorizer
+                    .is_authorized(&request, &policies.policies, &entities)
+            }
         };
 
         let diagnostics = response.diagnostics();
@@ -367,7 +463,7 @@ fn merge_request_entities(
         let position = entities.iter().position(|entity| entity.uid() == uid);
         let base = match position {
             Some(index) => Some(entities.swap_remove(index)),
-            None => data.entities.get(&uid).cloned(),
+            None => data.get(&uid),
         };
         let mut json = match base {
             Some(entity) => entity

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::decision_cache::DecisionCache;
+use super::entity_store::EntityStore;
 use super::loader::{LoadOptions, OnEvaluationError};
 use cedar_policy::{Entities, Entity, EntityUid, EvalResult, PolicySet, Schema};
 
@@ -17,6 +18,7 @@ pub struct Snapshot {
     pub data: Arc<EntityData>,
     /// Answers already given from exactly this state; born empty with it.
     pub(crate) decisions: Option<DecisionCache>,
+    pub(crate) decision_cache_capacity: u64,
 }
 
 impl Snapshot {
@@ -30,6 +32,7 @@ impl Snapshot {
             policies,
             data,
             decisions: DecisionCache::new(decision_cache_capacity),
+            decision_cache_capacity,
         }
     }
 }
@@ -51,6 +54,9 @@ pub struct PolicySnapshot {
     /// The actions the schema declares, to name an unknown action as such
     /// before its context is parsed against the schema.
     pub(crate) declared_actions: HashSet<EntityUid>,
+    /// The schema's action entities (with their action groups), for data
+    /// that does not carry them (synced identity data).
+    pub(crate) action_entities: Option<Entities>,
 }
 
 impl PolicySnapshot {
@@ -69,6 +75,9 @@ impl PolicySnapshot {
                 .as_ref()
                 .map(|schema| schema.actions().cloned().collect())
                 .unwrap_or_default(),
+            action_entities: schema
+                .as_ref()
+                .and_then(|schema| schema.action_entities().ok()),
             policies,
             schema,
             revision,
@@ -83,16 +92,30 @@ impl PolicySnapshot {
     }
 }
 
-/// The entity store a decision reads.
+/// The entity data a decision reads: either one Cedar `Entities` read from a
+/// file, or Arbiter's incremental [`EntityStore`] kept in sync with an
+/// identity source.
 #[derive(Debug)]
 pub struct EntityData {
-    pub entities: Entities,
-    /// Version of this data (a content hash for a file).
+    /// Version of this data: a content hash for a file, the source position
+    /// (e.g. the change-log sequence) for a synced source.
     pub revision: Arc<str>,
-    /// For every entity, the entities it leads to: its ancestors and the
-    /// entities its attributes and tags reference. Precomputed so a
-    /// request-scoped slice is a graph walk, not a scan of attribute values.
-    references: HashMap<EntityUid, Box<[EntityUid]>>,
+    /// The numeric source position, when the source has one; what
+    /// `min_data_revision` compares against.
+    pub position: Option<u64>,
+    backing: Backing,
+}
+
+#[derive(Debug)]
+enum Backing {
+    Whole {
+        entities: Entities,
+        /// For every entity, the entities it leads to: its ancestors and the
+        /// entities its attributes and tags reference. Precomputed so a
+        /// request-scoped slice is a graph walk, not a scan of attribute values.
+        references: HashMap<EntityUid, Box<[EntityUid]>>,
+    },
+    Store(EntityStore),
 }
 
 impl EntityData {
@@ -117,18 +140,49 @@ impl EntityData {
             }
         }
         EntityData {
-            entities,
             revision,
-            references,
+            position: None,
+            backing: Backing::Whole {
+                entities,
+                references,
+            },
+        }
+    }
+
+    /// Data from a synced source at `position` (its revision is the position).
+    pub fn from_store(store: EntityStore, position: u64) -> Self {
+        EntityData {
+            revision: Arc::from(position.to_string()),
+            position: Some(position),
+            backing: Backing::Store(store),
+        }
+    }
+
+    /// The whole store as one Cedar `Entities`, for file data.
+    pub fn whole(&self) -> Option<&Entities> {
+        match &self.backing {
+            Backing::Whole { entities, .. } => Some(entities),
+            Backing::Store(_) => None,
+        }
+    }
+
+    /// One stored entity, as Cedar's entity.
+    pub fn get(&self, uid: &EntityUid) -> Option<Entity> {
+        match &self.backing {
+            Backing::Whole { entities, .. } => entities.get(uid).cloned(),
+            Backing::Store(store) => store.get(uid).map(|stored| stored.entity.clone()),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.entities.len()
+        match &self.backing {
+            Backing::Whole { entities, .. } => entities.len(),
+            Backing::Store(store) => store.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entities.is_empty()
+        self.len() == 0
     }
 
     /// The entities reachable from `roots`, with `overlay` entities taking
@@ -141,6 +195,13 @@ impl EntityData {
         roots: impl IntoIterator<Item = EntityUid>,
         overlay: &Entities,
     ) -> Vec<Entity> {
+        let (entities, references) = match &self.backing {
+            Backing::Whole {
+                entities,
+                references,
+            } => (entities, references),
+            Backing::Store(store) => return store.slice_with_overlay(roots, overlay),
+        };
         let mut seen: HashSet<EntityUid> = HashSet::new();
         let mut pending: Vec<EntityUid> = roots.into_iter().collect();
         let mut slice = Vec::new();
@@ -165,8 +226,8 @@ impl EntityData {
                 out.extend(overlay.ancestors(&uid).into_iter().flatten().cloned());
                 pending.extend(out.into_iter().filter(|uid| !seen.contains(uid)));
                 slice.push(entity.clone());
-            } else if let Some(entity) = self.entities.get(&uid) {
-                if let Some(references) = self.references.get(&uid) {
+            } else if let Some(entity) = entities.get(&uid) {
+                if let Some(references) = references.get(&uid) {
                     pending.extend(
                         references
                             .iter()

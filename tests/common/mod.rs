@@ -38,6 +38,7 @@ pub fn config(sources: Sources) -> ServeConfig {
         uds: None,
         // Tests that log decisions turn it on with their own temp spool.
         decision_log: arbiter::decision_log::DecisionLogConfig::disabled(),
+        identity: None,
     }
 }
 
@@ -164,6 +165,7 @@ pub fn saas(principal: &str, action: &str, resource_type: &str, resource: &str) 
         resource: uid(&format!("Saas::{resource_type}"), resource),
         context_json: r#"{"mfa": true, "source_ip": "10.1.2.3"}"#.into(),
         entities_json: String::new(),
+        min_data_revision: String::new(),
     }
 }
 pub mod nats;

@@ -1,0 +1,221 @@
+//! Identity store benchmarks (in-process, no database): the cost of
+//! applying one change and of one decision, at a small and a large store.
+//!
+//! Users are in 10 leaf groups of a 3-level hierarchy (10 × 10 × 10 groups)
+//! and have 3 attributes. `cargo bench --bench identity` uses 10k/1M users
+//! for changes and 1k/1M for decisions (set `ARBITER_BENCH_LARGE` to change
+//! the large size); `cargo test --benches` runs each once on small stores.
+//! The resident memory of the large store is printed per user.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arbiter::engine::entity_store::{EntityStore, StoredEntity};
+use arbiter::engine::loader::{Inputs, SourceFile, build};
+use arbiter::engine::{CheckInput, Engine, EntityData, LoadOptions, UidInput};
+use cedar_policy::{Entity, EntityUid, RestrictedExpression};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+
+const POLICIES: &str = r#"
+permit (principal in Group::"g-0-0-0", action == Action::"read", resource);
+permit (principal, action == Action::"view", resource) when { principal.clearance >= 2 };
+forbid (principal, action, resource) when { principal.department == "blocked" };
+"#;
+
+fn uid(text: String) -> EntityUid {
+    text.parse().unwrap()
+}
+
+fn group_uid(a: usize, b: usize, c: usize) -> EntityUid {
+    let id = match (b, c) {
+        (usize::MAX, _) => format!("g-{a}"),
+        (_, usize::MAX) => format!("g-{a}-{b}"),
+        _ => format!("g-{a}-{b}-{c}"),
+    };
+    uid(format!("Group::\"{id}\""))
+}
+
+fn groups() -> Vec<StoredEntity> {
+    let mut out = Vec::new();
+    for a in 0..10 {
+        out.push(entity(group_uid(a, usize::MAX, 0), vec![], HashMap::new()));
+        for b in 0..10 {
+            out.push(entity(
+                group_uid(a, b, usize::MAX),
+                vec![group_uid(a, usize::MAX, 0)],
+                HashMap::new(),
+            ));
+            for c in 0..10 {
+                out.push(entity(
+                    group_uid(a, b, c),
+                    vec![group_uid(a, b, usize::MAX)],
+                    HashMap::new(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn entity(
+    uid: EntityUid,
+    parents: Vec<EntityUid>,
+    attrs: HashMap<String, RestrictedExpression>,
+) -> StoredEntity {
+    let entity = Entity::new(uid, attrs, parents.iter().cloned().collect::<HashSet<_>>()).unwrap();
+    StoredEntity::new(entity, parents)
+}
+
+fn user(n: usize, clearance: i64) -> StoredEntity {
+    let mut seed = (n as u64)
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut parents = Vec::with_capacity(10);
+    while parents.len() < 10 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let leaf = (seed >> 33) as usize % 1000;
+        let group = group_uid(leaf / 100, (leaf / 10) % 10, leaf % 10);
+        if !parents.contains(&group) {
+            parents.push(group);
+        }
+    }
+    let attrs = HashMap::from([
+        (
+            "email".to_string(),
+            RestrictedExpression::new_string(format!("user{n}@example.test")),
+        ),
+        (
+            "department".to_string(),
+            RestrictedExpression::new_string(["eng", "sales", "ops"][n % 3].to_string()),
+        ),
+        (
+            "clearance".to_string(),
+            RestrictedExpression::new_long(clearance),
+        ),
+    ]);
+    entity(uid(format!("User::\"u{n}\"")), parents, attrs)
+}
+
+fn store(users: usize) -> EntityStore {
+    let mut store = EntityStore::new();
+    for group in groups() {
+        store.upsert(group).unwrap();
+    }
+    for n in 0..users {
+        store.upsert(user(n, (n % 4) as i64)).unwrap();
+    }
+    store
+}
+
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn engine_with(store: EntityStore) -> Arc<Engine> {
+    let engine = Arc::new(Engine::with_external_data());
+    let inputs = Inputs {
+        policy_files: vec![SourceFile {
+            name: "bench.cedar".into(),
+            text: Arc::from(POLICIES),
+        }],
+        single_file: true,
+        schema: None,
+        entities: None,
+    };
+    let options = LoadOptions {
+        decision_cache_capacity: 0,
+        ..LoadOptions::default()
+    };
+    let (snapshot, _) = build(&inputs, options).unwrap();
+    engine.publish(snapshot);
+    engine.publish_data(EntityData::from_store(store, 1));
+    engine
+}
+
+fn sizes() -> (usize, usize, usize) {
+    let bench = std::env::args().any(|arg| arg == "--bench");
+    let large = std::env::var("ARBITER_BENCH_LARGE")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(if bench { 1_000_000 } else { 20_000 });
+    if bench {
+        (1_000, 10_000, large)
+    } else {
+        (100, 1_000, large)
+    }
+}
+
+fn identity(c: &mut Criterion) {
+    let (decide_small, change_small, large) = sizes();
+    let started = Instant::now();
+    let before = resident_bytes();
+    let big = store(large);
+    let after = resident_bytes();
+    eprintln!(
+        "identity bench: {large} users built in {:.1?}, resident {:.0} bytes per user",
+        started.elapsed(),
+        after.saturating_sub(before) as f64 / large as f64
+    );
+
+    let mut changes = c.benchmark_group("identity_apply_one_change");
+    for (label, users) in [(change_small, store(change_small)), (large, big.clone())] {
+        // What `identity::Applier::apply` does for one change: upsert into
+        // the persistent store (checks included) and publish a snapshot.
+        let engine = engine_with(users.clone());
+        let mut current = users;
+        let mut position = 2;
+        let mut n = 0usize;
+        changes.bench_function(BenchmarkId::from_parameter(label), |b| {
+            b.iter(|| {
+                n = (n + 7919) % label;
+                position += 1;
+                current.upsert(user(n, (position % 4) as i64)).unwrap();
+                engine.publish_data(EntityData::from_store(current.clone(), position));
+            });
+        });
+    }
+    changes.finish();
+
+    let mut decisions = c.benchmark_group("identity_decide");
+    for (label, users) in [(decide_small, store(decide_small)), (large, big)] {
+        let engine = engine_with(users);
+        let ids: Vec<String> = (0..1024)
+            .map(|i| format!("u{}", (i * 7919) % label))
+            .collect();
+        let mut i = 0usize;
+        decisions.bench_function(BenchmarkId::from_parameter(label), |b| {
+            b.iter(|| {
+                i = (i + 1) % ids.len();
+                let input = CheckInput {
+                    principal: Some(UidInput {
+                        type_name: "User",
+                        id: &ids[i],
+                    }),
+                    action: Some(UidInput {
+                        type_name: "Action",
+                        id: "read",
+                    }),
+                    resource: Some(UidInput {
+                        type_name: "Doc",
+                        id: "d1",
+                    }),
+                    context_json: "",
+                    entities_json: "",
+                };
+                engine.check(&input).unwrap()
+            });
+        });
+    }
+    decisions.finish();
+}
+
+criterion_group!(benches, identity);
+criterion_main!(benches);

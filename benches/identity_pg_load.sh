@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Load benchmark of the PostgreSQL identity source (not run by the tests):
+# USERS users (default 1,000,000), each in 10 of the 1,000 leaf groups of a
+# 3-level hierarchy, with 3 attributes; then time to ready (gRPC health
+# SERVING) of a release `arbiter serve` and its resident memory per user.
+#
+#   cargo build --release && USERS=100000 bash benches/identity_pg_load.sh
+#
+# Needs PostgreSQL on 127.0.0.1:5432 (trust auth) and psql.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+USERS=${USERS:-1000000}
+DB=arbiter_load_$$
+PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
+BIN=${ARBITER_BIN:-target/release/arbiter}
+
+cleanup() {
+  [[ -n "${PID:-}" ]] && kill "$PID" 2>/dev/null || true
+  "${PSQL[@]}" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
+}
+trap cleanup EXIT
+
+"${PSQL[@]}" -c "CREATE DATABASE $DB"
+"${PSQL[@]}" -d "$DB" -f deploy/postgres/schema.sql
+started=$(date +%s.%N)
+"${PSQL[@]}" -d "$DB" <<SQL
+-- Bulk load without the change-log triggers (a snapshot reads the tables).
+ALTER TABLE tenants DISABLE TRIGGER arbiter_track;
+ALTER TABLE groups DISABLE TRIGGER arbiter_track;
+ALTER TABLE users DISABLE TRIGGER arbiter_track;
+ALTER TABLE memberships DISABLE TRIGGER arbiter_track;
+INSERT INTO tenants VALUES ('acme', 'Acme', 'enterprise', false);
+INSERT INTO groups SELECT 'g' || a, 'acme', 'g' || a, NULL FROM generate_series(0, 9) a;
+INSERT INTO groups SELECT 'g' || a || '-' || b, 'acme', 'g', 'g' || a
+  FROM generate_series(0, 9) a, generate_series(0, 9) b;
+INSERT INTO groups SELECT 'g' || a || '-' || b || '-' || c, 'acme', 'g', 'g' || a || '-' || b
+  FROM generate_series(0, 9) a, generate_series(0, 9) b, generate_series(0, 9) c;
+INSERT INTO users SELECT 'u' || n, 'acme', 'u' || n || '@example.test', 'active',
+  jsonb_build_object('department', (ARRAY['eng','sales','ops'])[1 + n % 3], 'clearance', n % 4)
+  FROM generate_series(1, $USERS) n;
+INSERT INTO memberships SELECT 'u' || n,
+  'g' || (((n * 7 + k * 101) % 1000) / 100) || '-' || ((((n * 7 + k * 101) % 1000) / 10) % 10)
+      || '-' || ((n * 7 + k * 101) % 10)
+  FROM generate_series(1, $USERS) n, generate_series(0, 9) k;
+ALTER TABLE tenants ENABLE TRIGGER arbiter_track;
+ALTER TABLE groups ENABLE TRIGGER arbiter_track;
+ALTER TABLE users ENABLE TRIGGER arbiter_track;
+ALTER TABLE memberships ENABLE TRIGGER arbiter_track;
+ANALYZE;
+SQL
+echo "loaded $USERS users into postgres in $(echo "$(date +%s.%N) - $started" | bc) s"
+
+dir=$(mktemp -d)
+cp deploy/postgres/example.cedar "$dir/policies.cedar"
+cat > "$dir/arbiter.toml" <<TOML
+policies = "policies.cedar"
+[identity.postgres]
+url = "postgres://postgres@127.0.0.1:5432/$DB"
+TOML
+started=$(date +%s.%N)
+"$BIN" serve --config "$dir/arbiter.toml" --listen 127.0.0.1:50791 --admin-listen 127.0.0.1:50792 \
+  >"$dir/log" 2>&1 &
+PID=$!
+until curl -sf 127.0.0.1:50792/ready >/dev/null; do
+  kill -0 "$PID" || { cat "$dir/log"; exit 1; }
+  sleep 0.5
+done
+ready=$(echo "$(date +%s.%N) - $started" | bc)
+rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$PID/status")
+echo "time to ready: $ready s; resident: $((rss_kb / 1024)) MiB, $((rss_kb * 1024 / USERS)) bytes per user"

@@ -1,0 +1,442 @@
+//! Identity sync: keeps the engine's entity data equal to an identity store
+//! (PostgreSQL or a SCIM 2.0 service provider), incrementally, off the
+//! request path.
+//!
+//! ```text
+//! source (postgres.rs, scim.rs) ─▶ Change::{Upsert,Delete} at a position ─▶ Applier ─▶ EntityStore
+//!                                                                    └▶ Engine::publish_data (atomic swap)
+//! ```
+//!
+//! Invariants:
+//! - identity writes the engine's entity data and nothing else, and is never
+//!   called per request;
+//! - changes are applied in source (commit) order; a published position P
+//!   means every change up to P is in the data;
+//! - a bad row (malformed attributes, a cycle, a missing parent) is refused
+//!   with a log line and a metric naming it; everything else keeps syncing.
+
+pub mod postgres;
+pub mod scim;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use cedar_policy::{Entity, EntityId, EntityTypeName, EntityUid};
+use serde::Deserialize;
+
+use crate::engine::entity_store::{EntityStore, StoreError, StoredEntity};
+use crate::engine::{Engine, EntityData};
+
+pub use postgres::PostgresConfig;
+pub use scim::ScimConfig;
+
+/// The `[identity]` table of the config file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Past this many seconds without a successful sync, readiness reports
+    /// not ready and decisions say their data is stale [default: 60].
+    pub max_staleness_secs: Option<u64>,
+    /// How long a check with `min_data_revision` may wait for sync to reach
+    /// it before failing with `FAILED_PRECONDITION` [default: 5000].
+    pub revision_wait_ms: Option<u64>,
+    pub postgres: Option<PostgresConfig>,
+    pub scim: Option<ScimConfig>,
+}
+
+impl IdentityConfig {
+    pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(60);
+    pub const DEFAULT_REVISION_WAIT: Duration = Duration::from_secs(5);
+
+    pub fn max_staleness(&self) -> Duration {
+        self.max_staleness_secs
+            .map_or(Self::DEFAULT_MAX_STALENESS, Duration::from_secs)
+    }
+
+    pub fn revision_wait(&self) -> Duration {
+        self.revision_wait_ms
+            .map_or(Self::DEFAULT_REVISION_WAIT, Duration::from_millis)
+    }
+
+    /// True when a source is configured (the engine then takes its data
+    /// from the sync, not from the entities file).
+    pub fn has_source(&self) -> bool {
+        self.postgres.is_some() || self.scim.is_some()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("invalid identity configuration `{key}`: {message}")]
+    Config { key: &'static str, message: String },
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] native_tls::Error),
+    #[error("scim: {0}")]
+    Scim(#[from] scim::ScimError),
+    #[error("the connection to the identity store closed")]
+    Closed,
+}
+
+/// What the sync reports to readiness and to the adapter.
+#[derive(Debug)]
+pub struct SyncStatus {
+    /// Set once, when the first full sync is published.
+    synced: AtomicBool,
+    /// Unix milliseconds of the last successful contact with the source.
+    last_success_ms: AtomicU64,
+    pub max_staleness: Duration,
+    pub last_error: ArcSwapOption<String>,
+}
+
+impl SyncStatus {
+    pub fn new(max_staleness: Duration) -> Self {
+        SyncStatus {
+            synced: AtomicBool::new(false),
+            last_success_ms: AtomicU64::new(0),
+            max_staleness,
+            last_error: ArcSwapOption::empty(),
+        }
+    }
+
+    /// The first full sync is in.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Synced, and in contact with the source within `max_staleness`.
+    pub fn is_fresh(&self) -> bool {
+        self.is_synced() && self.staleness() <= self.max_staleness
+    }
+
+    /// Time since the last successful contact with the source.
+    pub fn staleness(&self) -> Duration {
+        let last = self.last_success_ms.load(Ordering::Acquire);
+        Duration::from_millis(now_ms().saturating_sub(last))
+    }
+
+    fn succeeded(&self) {
+        let now = now_ms();
+        self.last_success_ms.store(now, Ordering::Release);
+        self.last_error.store(None);
+        metrics::gauge!("arbiter_identity_last_success_timestamp_seconds").set(now as f64 / 1000.0);
+    }
+
+    fn failed(&self, error: &IdentityError) {
+        self.last_error.store(Some(Arc::new(error.to_string())));
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// A row that could not become an entity.
+#[derive(Debug, thiserror::Error)]
+pub enum RowError {
+    #[error("entity type `{0}` is not a valid Cedar type name")]
+    Type(String),
+    #[error("malformed parents: {0}")]
+    Parents(String),
+    #[error("malformed attributes: {0}")]
+    Attributes(String),
+    #[error("unreadable row: {0}")]
+    Column(String),
+}
+
+impl RowError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RowError::Type(_) => "entity_type",
+            RowError::Parents(_) => "parents",
+            RowError::Attributes(_) => "attributes",
+            RowError::Column(_) => "column",
+        }
+    }
+}
+
+/// Parses `type` into an entity uid.
+pub fn entity_uid(type_name: &str, id: &str) -> Result<EntityUid, RowError> {
+    let parsed: EntityTypeName = type_name
+        .parse()
+        .map_err(|_| RowError::Type(type_name.to_string()))?;
+    Ok(EntityUid::from_type_name_and_id(parsed, EntityId::new(id)))
+}
+
+/// Builds a stored entity from a mapped row: `attrs` a Cedar attribute
+/// object (JSON entity format), `parents` an array of `{"type", "id"}`.
+pub fn entity_from_row(
+    uid: &EntityUid,
+    attrs: serde_json::Value,
+    parents: serde_json::Value,
+) -> Result<StoredEntity, RowError> {
+    let list = match &parents {
+        serde_json::Value::Array(list) => list,
+        serde_json::Value::Null => &Vec::new(),
+        other => {
+            return Err(RowError::Parents(format!(
+                "expected an array, got `{other}`"
+            )));
+        }
+    };
+    let mut parent_uids = Vec::with_capacity(list.len());
+    for parent in list {
+        let type_name = parent.get("type").and_then(|t| t.as_str());
+        let id = parent.get("id").and_then(|t| t.as_str());
+        match (type_name, id) {
+            (Some(type_name), Some(id)) => parent_uids.push(
+                entity_uid(type_name, id).map_err(|error| RowError::Parents(error.to_string()))?,
+            ),
+            _ => {
+                return Err(RowError::Parents(format!(
+                    "expected {{\"type\": ..., \"id\": ...}}, got `{parent}`"
+                )));
+            }
+        }
+    }
+    if !attrs.is_object() {
+        return Err(RowError::Attributes(format!(
+            "expected a JSON object, got `{attrs}`"
+        )));
+    }
+    let type_name = uid.type_name().to_string();
+    let id: &str = uid.id().unescaped();
+    let json = serde_json::json!({
+        "uid": {"type": type_name, "id": id},
+        "attrs": attrs,
+        "parents": parents_json(&parent_uids),
+    });
+    let entity = Entity::from_json_value(json, None)
+        .map_err(|error| RowError::Attributes(render(&error)))?;
+    Ok(StoredEntity::new(entity, parent_uids))
+}
+
+fn parents_json(parents: &[EntityUid]) -> serde_json::Value {
+    parents
+        .iter()
+        .map(|uid| {
+            serde_json::json!({"type": uid.type_name().to_string(), "id": uid.id().unescaped()})
+        })
+        .collect()
+}
+
+/// Cedar's error with its causes on one line.
+fn render(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// One entity change from a source.
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "nearly every change is an upsert"
+)]
+pub enum Change {
+    /// The entity's current state (or why its row could not be read).
+    Upsert(EntityUid, Result<StoredEntity, RowError>),
+    Delete(EntityUid),
+}
+
+/// Applies changes to the store and publishes it to the engine.
+#[derive(Debug)]
+pub struct Applier {
+    engine: Arc<Engine>,
+    status: Arc<SyncStatus>,
+    source: &'static str,
+    store: EntityStore,
+    /// The last position applied; `None` before the first full sync.
+    position: Option<u64>,
+}
+
+impl Applier {
+    pub fn new(engine: Arc<Engine>, status: Arc<SyncStatus>, source: &'static str) -> Self {
+        Applier {
+            engine,
+            status,
+            source,
+            store: EntityStore::new(),
+            position: None,
+        }
+    }
+
+    pub fn position(&self) -> Option<u64> {
+        self.position
+    }
+
+    pub fn store(&self) -> &EntityStore {
+        &self.store
+    }
+
+    /// Replaces the whole store with a full listing taken at `position`.
+    /// On a reconciliation (not the first sync) differences with the store
+    /// are drift: counted, logged, and repaired by the replacement.
+    pub fn replace_all(
+        &mut self,
+        rows: Vec<(EntityUid, Result<StoredEntity, RowError>)>,
+        position: u64,
+    ) {
+        let mut good = Vec::with_capacity(rows.len());
+        for (uid, row) in rows {
+            match row {
+                Ok(entity) => good.push(entity),
+                Err(error) => self.reject_row(&uid, &error),
+            }
+        }
+        let (store, refused) = EntityStore::from_entities(good);
+        for error in &refused {
+            self.reject_store(error);
+        }
+        if self.position.is_some() {
+            let drift = drift(&self.store, &store);
+            if drift > 0 {
+                tracing::warn!(
+                    target: "arbiter::identity",
+                    source = self.source,
+                    drift,
+                    "reconciliation found entities that differ from the source; repaired"
+                );
+                metrics::counter!("arbiter_identity_drift_total", "source" => self.source)
+                    .increment(drift as u64);
+            }
+            metrics::counter!("arbiter_identity_reconciliations_total", "source" => self.source)
+                .increment(1);
+        }
+        self.store = store;
+        self.publish(position);
+        tracing::info!(
+            target: "arbiter::identity",
+            source = self.source,
+            position,
+            entities = self.store.len(),
+            refused = refused.len(),
+            "identity data synced in full"
+        );
+    }
+
+    /// Applies a batch of changes up to `position`, then publishes once.
+    /// Upserts whose parents arrive later in the same batch are retried
+    /// until no more progress is made; deletions come last.
+    pub fn apply(&mut self, changes: Vec<Change>, position: u64) {
+        let mut pending = Vec::new();
+        let mut deletes = Vec::new();
+        for change in changes {
+            match change {
+                Change::Upsert(_, Ok(entity)) => pending.push(entity),
+                Change::Upsert(uid, Err(error)) => self.reject_row(&uid, &error),
+                Change::Delete(uid) => deletes.push(uid),
+            }
+        }
+        let mut failures: Vec<StoreError> = Vec::new();
+        loop {
+            let before = pending.len();
+            failures.clear();
+            let mut retry = Vec::new();
+            for entity in pending {
+                match self.store.upsert(entity.clone()) {
+                    Ok(()) => {}
+                    Err(error) => {
+                        failures.push(error);
+                        retry.push(entity);
+                    }
+                }
+            }
+            pending = retry;
+            if pending.is_empty() || pending.len() == before {
+                break;
+            }
+        }
+        for error in &failures {
+            self.reject_store(error);
+        }
+        for uid in deletes {
+            self.store.remove(&uid);
+        }
+        self.publish(position);
+    }
+
+    /// The source was reached and had nothing new.
+    pub fn touch(&self) {
+        self.status.succeeded();
+    }
+
+    fn publish(&mut self, position: u64) {
+        self.position = Some(position);
+        self.engine
+            .publish_data(EntityData::from_store(self.store.clone(), position));
+        metrics::gauge!("arbiter_identity_entities", "source" => self.source)
+            .set(self.store.len() as f64);
+        metrics::gauge!("arbiter_identity_applied_position", "source" => self.source)
+            .set(position as f64);
+        self.status.succeeded();
+        self.status.synced.store(true, Ordering::Release);
+    }
+
+    fn reject_row(&self, uid: &EntityUid, error: &RowError) {
+        tracing::error!(
+            target: "arbiter::identity",
+            source = self.source,
+            entity = %uid,
+            reason = error.kind(),
+            "identity row refused: {error}"
+        );
+        metrics::counter!(
+            "arbiter_identity_rejected_rows_total",
+            "source" => self.source,
+            "entity" => uid.to_string(),
+            "reason" => error.kind()
+        )
+        .increment(1);
+    }
+
+    fn reject_store(&self, error: &StoreError) {
+        let uid = match error {
+            StoreError::MissingParent { uid, .. }
+            | StoreError::Cycle { uid, .. }
+            | StoreError::ParentRefused { uid, .. } => uid,
+        };
+        tracing::error!(
+            target: "arbiter::identity",
+            source = self.source,
+            entity = %uid,
+            reason = error.kind(),
+            "identity row refused: {error}"
+        );
+        metrics::counter!(
+            "arbiter_identity_rejected_rows_total",
+            "source" => self.source,
+            "entity" => uid.to_string(),
+            "reason" => error.kind()
+        )
+        .increment(1);
+    }
+}
+
+/// How many entities differ between two stores.
+fn drift(old: &EntityStore, new: &EntityStore) -> usize {
+    let changed = new
+        .iter()
+        .filter(|entity| match old.get(&entity.uid()) {
+            Some(previous) => {
+                previous.entity != entity.entity || previous.parents != entity.parents
+            }
+            None => true,
+        })
+        .count();
+    let removed = old
+        .iter()
+        .filter(|entity| !new.contains(&entity.uid()))
+        .count();
+    changed + removed
+}

@@ -1,0 +1,621 @@
+//! Identity sync from a real PostgreSQL (127.0.0.1:5432, trust auth), seen
+//! through real gRPC decisions: snapshot, each kind of change, disconnect
+//! and resume, bad rows, `min_data_revision`, readiness. Each test creates
+//! its own database with `deploy/postgres/schema.sql` and drops it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use arbiter::engine::Sources;
+use arbiter::identity::{IdentityConfig, PostgresConfig};
+use arbiter::proto::v1::{CheckRequest, CheckResponse, Decision};
+use common::{TestServer, config, uid};
+use tokio_postgres::{Client, NoTls};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const SCHEMA_SQL: &str = include_str!("../deploy/postgres/schema.sql");
+
+const POLICIES: &str = include_str!("../deploy/postgres/example.cedar");
+
+const SEED: &str = include_str!("../deploy/postgres/example-data.sql");
+
+fn server_url(database: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:5432/{database}")
+}
+
+async fn connect(database: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(&server_url(database), NoTls)
+        .await
+        .expect("connect to postgres on 127.0.0.1:5432");
+    tokio::spawn(connection);
+    client
+}
+
+/// A database of its own, with the reference schema.
+struct TestDb {
+    name: String,
+    client: Client,
+}
+
+impl TestDb {
+    async fn create(seed: &str) -> TestDb {
+        let name = Self::create_empty().await;
+        let client = connect(&name).await;
+        client.batch_execute(SCHEMA_SQL).await.expect("schema");
+        client.batch_execute(seed).await.expect("seed");
+        TestDb { name, client }
+    }
+
+    async fn create_empty() -> String {
+        let name = format!("arbiter_test_{}", uuid::Uuid::now_v7().simple());
+        let admin = connect("postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        name
+    }
+
+    /// Runs `sql` in one transaction and returns the change-log position of
+    /// its last write (`arbiter_write_position()`), as `min_data_revision`.
+    async fn write(&self, sql: &str) -> String {
+        self.client.batch_execute("BEGIN").await.unwrap();
+        self.client.batch_execute(sql).await.unwrap();
+        let position: i64 = self
+            .client
+            .query_one("SELECT arbiter_write_position()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        self.client.batch_execute("COMMIT").await.unwrap();
+        position.to_string()
+    }
+
+    async fn drop(self) {
+        drop(self.client);
+        drop_database(&self.name).await;
+    }
+}
+
+async fn drop_database(name: &str) {
+    let admin = connect("postgres").await;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+fn identity(database: &str) -> IdentityConfig {
+    IdentityConfig {
+        max_staleness_secs: Some(2),
+        revision_wait_ms: Some(5000),
+        postgres: Some(PostgresConfig {
+            url: Some(server_url(database)),
+            poll_interval_ms: Some(200),
+            reconcile_interval_secs: Some(3600),
+            ..PostgresConfig::default()
+        }),
+        ..IdentityConfig::default()
+    }
+}
+
+async fn start(dir: &tempfile::TempDir, identity: IdentityConfig) -> TestServer {
+    let mut config = server_config(dir);
+    config.identity = Some(identity);
+    TestServer::start(config).await
+}
+
+fn server_config(dir: &tempfile::TempDir) -> arbiter::app::ServeConfig {
+    let policies = dir.path().join("policies.cedar");
+    std::fs::write(&policies, POLICIES).unwrap();
+    config(Sources {
+        policies: Some(policies),
+        schema: None,
+        entities: None,
+    })
+}
+
+fn request(principal: &str, action: &str, resource: (&str, &str), min: &str) -> CheckRequest {
+    CheckRequest {
+        principal: uid("Saas::User", principal),
+        action: uid("Saas::Action", action),
+        resource: uid(resource.0, resource.1),
+        context_json: String::new(),
+        entities_json: String::new(),
+        min_data_revision: min.into(),
+    }
+}
+
+async fn check(server: &TestServer, request: CheckRequest) -> CheckResponse {
+    server
+        .client()
+        .await
+        .check(request)
+        .await
+        .expect("check")
+        .into_inner()
+}
+
+/// Asks after the write at `min` is applied; true for allow.
+async fn allowed(server: &TestServer, principal: &str, action: &str, min: &str) -> bool {
+    let response = check(
+        server,
+        request(principal, action, ("Saas::Document", "d1"), min),
+    )
+    .await;
+    assert!(
+        min.is_empty() || response.data_revision.parse::<u64>().unwrap() >= min.parse().unwrap(),
+        "{response:?}"
+    );
+    response.decision == Decision::Allow as i32
+}
+
+async fn enters(server: &TestServer, principal: &str, tenant: &str, min: &str) -> bool {
+    let response = check(
+        server,
+        request(principal, "enter", ("Saas::Tenant", tenant), min),
+    )
+    .await;
+    response.decision == Decision::Allow as i32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_then_each_kind_of_change_reaches_decisions() {
+    let db = TestDb::create(SEED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir, identity(&db.name)).await;
+
+    // Snapshot: bob is in backend, which is in eng.
+    assert!(allowed(&server, "bob", "read", "").await);
+    assert!(!allowed(&server, "ann", "read", "").await);
+    assert!(allowed(&server, "bob", "secret", "").await);
+    // Tenants side by side; another tenant's data only where policies say.
+    assert!(enters(&server, "bob", "acme", "").await);
+    assert!(!enters(&server, "bob", "globex", "").await);
+    assert!(enters(&server, "gina", "globex", "").await);
+    let first = check(&server, request("bob", "read", ("Saas::Document", "d"), "")).await;
+    assert!(first.data_revision.parse::<u64>().unwrap() > 0);
+
+    // User insert.
+    let rev = db
+        .write("INSERT INTO users VALUES ('carl', 'acme', 'carl@acme.test', 'active', '{}'); INSERT INTO memberships VALUES ('carl', 'eng');")
+        .await;
+    assert!(allowed(&server, "carl", "read", &rev).await);
+    // Attribute change.
+    let rev = db
+        .write("UPDATE users SET attributes = '{\"department\": \"eng\", \"clearance\": 1}' WHERE id = 'bob'")
+        .await;
+    assert!(!allowed(&server, "bob", "secret", &rev).await);
+    // User update (status).
+    let rev = db
+        .write("UPDATE users SET status = 'suspended' WHERE id = 'bob'")
+        .await;
+    assert!(!allowed(&server, "bob", "read", &rev).await);
+    let rev = db
+        .write("UPDATE users SET status = 'active' WHERE id = 'bob'")
+        .await;
+    assert!(allowed(&server, "bob", "read", &rev).await);
+    // Membership add and remove.
+    let rev = db
+        .write("INSERT INTO memberships VALUES ('ann', 'backend')")
+        .await;
+    assert!(allowed(&server, "ann", "read", &rev).await);
+    let rev = db
+        .write("DELETE FROM memberships WHERE user_id = 'ann'")
+        .await;
+    assert!(!allowed(&server, "ann", "read", &rev).await);
+    // Role assignment through the role hierarchy.
+    let rev = db
+        .write("INSERT INTO role_assignments VALUES ('ann', 'acme/editor')")
+        .await;
+    assert!(allowed(&server, "ann", "write", &rev).await);
+    // Moving a nested group out of eng and back.
+    let rev = db
+        .write("UPDATE groups SET parent_id = NULL WHERE id = 'backend'")
+        .await;
+    assert!(!allowed(&server, "bob", "read", &rev).await);
+    let rev = db
+        .write("UPDATE groups SET parent_id = 'eng' WHERE id = 'backend'")
+        .await;
+    assert!(allowed(&server, "bob", "read", &rev).await);
+    // User delete.
+    let rev = db.write("DELETE FROM users WHERE id = 'carl'").await;
+    assert!(!allowed(&server, "carl", "read", &rev).await);
+    // Tenant removal (cascades to its users).
+    let rev = db.write("DELETE FROM tenants WHERE id = 'globex'").await;
+    assert!(!enters(&server, "gina", "globex", &rev).await);
+    assert!(allowed(&server, "bob", "read", &rev).await);
+
+    server.stop().await.unwrap();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_after_disconnect_without_losing_a_change() {
+    let db = TestDb::create(SEED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir, identity(&db.name)).await;
+    assert!(!allowed(&server, "ann", "read", "").await);
+
+    let mut last = String::new();
+    for round in 0..3 {
+        // End Arbiter's connection from the server side, then write while
+        // it is away.
+        let ended: i64 = db
+            .client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'arbiter'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ended >= 1 || round > 0, "arbiter had no connection to end");
+        for i in 0..5 {
+            last = db
+                .write(&format!(
+                    "INSERT INTO users VALUES ('u{round}-{i}', 'acme', 'u@acme.test', 'active', '{{}}'); \
+                     INSERT INTO memberships VALUES ('u{round}-{i}', 'eng');"
+                ))
+                .await;
+        }
+    }
+    last = {
+        let rev = db
+            .write("INSERT INTO memberships VALUES ('ann', 'backend')")
+            .await;
+        assert!(rev.parse::<u64>().unwrap() > last.parse::<u64>().unwrap());
+        rev
+    };
+    assert!(allowed(&server, "ann", "read", &last).await);
+    for round in 0..3 {
+        for i in 0..5 {
+            assert!(
+                allowed(&server, &format!("u{round}-{i}"), "read", "").await,
+                "u{round}-{i} lost"
+            );
+        }
+    }
+    let (_, metrics) = server.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("arbiter_identity_reconnects_total"),
+        "{metrics}"
+    );
+    server.stop().await.unwrap();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_are_refused_by_name_and_sync_goes_on() {
+    let seed = format!(
+        "{SEED}
+         INSERT INTO users VALUES ('arrayattrs', 'acme', 'x@acme.test', 'active', '[1, 2]');
+         INSERT INTO users VALUES ('nullattr', 'acme', 'y@acme.test', 'active', '{{\"clearance\": null}}');
+         INSERT INTO memberships VALUES ('arrayattrs', 'eng'), ('nullattr', 'eng');"
+    );
+    let db = TestDb::create(&seed).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir, identity(&db.name)).await;
+
+    // Malformed attributes at snapshot: those users are refused, others not.
+    assert!(!allowed(&server, "arrayattrs", "read", "").await);
+    assert!(!allowed(&server, "nullattr", "read", "").await);
+    assert!(allowed(&server, "bob", "read", "").await);
+
+    // A cycle in group nesting: eng into backend (which is in eng).
+    let rev = db
+        .write("UPDATE groups SET parent_id = 'backend' WHERE id = 'eng'")
+        .await;
+    // eng keeps its last good state; bob is still in eng through backend.
+    assert!(allowed(&server, "bob", "read", &rev).await);
+
+    // A parent that does not exist (a database without the foreign key).
+    db.client
+        .batch_execute("ALTER TABLE memberships DROP CONSTRAINT memberships_group_id_fkey")
+        .await
+        .unwrap();
+    let rev = db
+        .write("INSERT INTO memberships VALUES ('ann', 'eng'), ('ann', 'ghost')")
+        .await;
+    assert!(!allowed(&server, "ann", "read", &rev).await);
+
+    // Malformed attributes on an update.
+    let rev = db
+        .write("UPDATE users SET attributes = '\"text\"' WHERE id = 'gina'")
+        .await;
+    let response = check(
+        &server,
+        request("gina", "enter", ("Saas::Tenant", "globex"), &rev),
+    )
+    .await;
+    // gina keeps her last good state.
+    assert_eq!(response.decision, Decision::Allow as i32, "{response:?}");
+
+    // Everything else keeps syncing.
+    let rev = db
+        .write(
+            "INSERT INTO users VALUES ('dora', 'acme', 'd@acme.test', 'active', '{}'); \
+                INSERT INTO memberships VALUES ('dora', 'eng');",
+        )
+        .await;
+    assert!(allowed(&server, "dora", "read", &rev).await);
+
+    let (_, metrics) = server.admin_get("/metrics").await;
+    for needle in [
+        "arbiter_identity_rejected_rows_total",
+        "arrayattrs",
+        "nullattr",
+        "reason=\"cycle\"",
+        "reason=\"missing_parent\"",
+        "reason=\"attributes\"",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
+    }
+    server.stop().await.unwrap();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_data_revision_waits_for_the_write_or_fails() {
+    let db = TestDb::create(SEED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut identity = identity(&db.name);
+    identity.revision_wait_ms = Some(3000);
+    // Slow polling: only NOTIFY or the wait can make this prompt.
+    identity.postgres.as_mut().unwrap().poll_interval_ms = Some(60_000);
+    let server = start(&dir, identity).await;
+
+    // A write not yet committed: the check waits for it.
+    db.client.batch_execute("BEGIN").await.unwrap();
+    db.client
+        .batch_execute("INSERT INTO memberships VALUES ('ann', 'eng')")
+        .await
+        .unwrap();
+    let rev: i64 = db
+        .client
+        .query_one("SELECT arbiter_write_position()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut client = server.client().await;
+    let waiting = tokio::spawn(async move {
+        client
+            .check(request(
+                "ann",
+                "read",
+                ("Saas::Document", "d"),
+                &rev.to_string(),
+            ))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished());
+    db.client.batch_execute("COMMIT").await.unwrap();
+    let response = waiting.await.unwrap().expect("check").into_inner();
+    assert_eq!(response.decision, Decision::Allow as i32, "{response:?}");
+
+    // A revision that never comes: FAILED_PRECONDITION after the wait.
+    let started = std::time::Instant::now();
+    let error = server
+        .client()
+        .await
+        .check(request(
+            "ann",
+            "read",
+            ("Saas::Document", "d"),
+            &(rev + 1000).to_string(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    // Not a revision at all.
+    let error = server
+        .client()
+        .await
+        .check(request("ann", "read", ("Saas::Document", "d"), "abc"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+
+    server.stop().await.unwrap();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_first_sync_and_reports_staleness() {
+    // The database does not exist yet: the sync retries, not ready.
+    let name = format!("arbiter_test_{}", uuid::Uuid::now_v7().simple());
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = server_config(&dir);
+    config.identity = Some(identity(&name));
+    let server = TestServer::spawn(config).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(server.health().await, ServingStatus::NotServing);
+    assert_eq!(server.admin_get("/ready").await.0, 503);
+
+    // The store appears: first full sync, then SERVING.
+    let admin = connect("postgres").await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let client = connect(&name).await;
+    client.batch_execute(SCHEMA_SQL).await.unwrap();
+    client.batch_execute(SEED).await.unwrap();
+    drop(client);
+    server.wait_for(ServingStatus::Serving).await;
+    assert_eq!(server.admin_get("/ready").await.0, 200);
+    let response = check(&server, request("bob", "read", ("Saas::Document", "d"), "")).await;
+    assert_eq!(response.decision, Decision::Allow as i32);
+    assert!(!response.data_stale);
+
+    // The store goes away: past max staleness (2 s), not ready, while
+    // decisions continue from the cache and say so.
+    drop_database(&name).await;
+    server.wait_for(ServingStatus::NotServing).await;
+    assert_eq!(server.admin_get("/ready").await.0, 503);
+    let response = check(&server, request("bob", "read", ("Saas::Document", "d"), "")).await;
+    assert_eq!(response.decision, Decision::Allow as i32);
+    assert!(response.data_stale);
+
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_repairs_and_reports_drift() {
+    let db = TestDb::create(SEED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut identity = identity(&db.name);
+    identity.postgres.as_mut().unwrap().reconcile_interval_secs = Some(1);
+    let server = start(&dir, identity).await;
+    assert!(allowed(&server, "bob", "read", "").await);
+
+    // A change the change log never sees (triggers off): drift.
+    db.client
+        .batch_execute(
+            "ALTER TABLE memberships DISABLE TRIGGER arbiter_track; \
+             DELETE FROM memberships WHERE user_id = 'bob'; \
+             ALTER TABLE memberships ENABLE TRIGGER arbiter_track;",
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while allowed(&server, "bob", "read", "").await {
+        assert!(std::time::Instant::now() < deadline, "drift never repaired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, metrics) = server.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("arbiter_identity_drift_total"),
+        "{metrics}"
+    );
+    server.stop().await.unwrap();
+    db.drop().await;
+}
+
+/// Measurement, not a timed test: from COMMIT to the first decision that
+/// reflects it (NOTIFY-driven), and a membership change of a group with
+/// 10,000 members. Prints the figures; asserts only correctness.
+/// `cargo test --release --test identity_postgres -- --ignored --nocapture latency`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run with --ignored --nocapture"]
+async fn latency_commit_to_decision() {
+    let db = TestDb::create(SEED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut identity = identity(&db.name);
+    // Only NOTIFY makes changes prompt.
+    identity.postgres.as_mut().unwrap().poll_interval_ms = Some(60_000);
+    let server = start(&dir, identity).await;
+    let mut client = server.client().await;
+    let mut ask = async |principal: &str| {
+        client
+            .check(request(principal, "read", ("Saas::Document", "d"), ""))
+            .await
+            .unwrap()
+            .into_inner()
+            .decision
+            == Decision::Allow as i32
+    };
+
+    let mut samples = Vec::new();
+    for i in 0..100 {
+        let expected = i % 2 == 0;
+        let sql = if expected {
+            "INSERT INTO memberships VALUES ('ann', 'eng')"
+        } else {
+            "DELETE FROM memberships WHERE user_id = 'ann'"
+        };
+        db.client.batch_execute(sql).await.unwrap();
+        let committed = std::time::Instant::now();
+        while ask("ann").await != expected {
+            assert!(committed.elapsed() < Duration::from_secs(10));
+        }
+        samples.push(committed.elapsed());
+    }
+    samples.sort();
+    println!(
+        "COMMIT -> decision: p50 {:?}, p99 {:?}, max {:?} ({} samples)",
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+        samples[samples.len() - 1],
+        samples.len()
+    );
+
+    // A group of 10,000 members moved out of eng: every member's decision
+    // changes with one change-log row.
+    let started = std::time::Instant::now();
+    db.client
+        .batch_execute(
+            "INSERT INTO groups VALUES ('big', 'acme', 'Big', 'eng'); \
+             INSERT INTO users SELECT 'm' || n, 'acme', 'm@acme.test', 'active', '{}' \
+               FROM generate_series(1, 10000) AS n; \
+             INSERT INTO memberships SELECT 'm' || n, 'big' FROM generate_series(1, 10000) AS n;",
+        )
+        .await
+        .unwrap();
+    while !ask("m10000").await {
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+    println!("10,000 new members synced in {:?}", started.elapsed());
+    db.client
+        .batch_execute("UPDATE groups SET parent_id = NULL WHERE id = 'big'")
+        .await
+        .unwrap();
+    let committed = std::time::Instant::now();
+    while ask("m5000").await {
+        assert!(committed.elapsed() < Duration::from_secs(10));
+    }
+    let first = committed.elapsed();
+    assert!(!ask("m1").await && !ask("m10000").await);
+    println!("moving a group of 10,000 members: visible in {first:?}");
+    server.stop().await.unwrap();
+    db.drop().await;
+}
+
+/// The embedded example policies (with their schema and action groups)
+/// over identity data from Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_schema_and_action_groups_over_synced_data() {
+    let seed = format!(
+        "{SEED}
+         INSERT INTO roles VALUES ('admin', NULL, 'admin', 'editor'), ('acme/admin', 'acme', 'admin', 'admin');
+         INSERT INTO role_assignments VALUES ('bob', 'acme/admin');"
+    );
+    let db = TestDb::create(&seed).await;
+    let mut config = config(Sources::default());
+    config.identity = Some(identity(&db.name));
+    let server = TestServer::start(config).await;
+    let admin = |mfa: bool, tenant: &str| CheckRequest {
+        principal: uid("Saas::User", "bob"),
+        action: uid("Saas::Action", "admin"),
+        resource: uid("Saas::Tenant", tenant),
+        context_json: format!(r#"{{"mfa": {mfa}, "source_ip": "10.1.2.3"}}"#),
+        entities_json: String::new(),
+        min_data_revision: String::new(),
+    };
+    // `action in Saas::Action::"tenant_administration"` needs the schema's
+    // action groups, which synced data does not carry.
+    let response = check(&server, admin(true, "acme")).await;
+    assert_eq!(response.decision, Decision::Allow as i32, "{response:?}");
+    assert_eq!(response.reasons, ["admin-can-administer-tenant"]);
+    let response = check(&server, admin(false, "acme")).await;
+    assert_eq!(response.decision, Decision::Deny as i32, "{response:?}");
+    assert!(
+        response
+            .reasons
+            .contains(&"admin-actions-require-mfa".to_string())
+    );
+    let response = check(&server, admin(true, "globex")).await;
+    assert_eq!(response.decision, Decision::Deny as i32, "{response:?}");
+    server.stop().await.unwrap();
+    db.drop().await;
+}
