@@ -225,7 +225,9 @@ impl Server {
                 stop_rx.clone(),
             )));
         if let Some(ext_authz) = &config.ext_authz {
-            let service = ext_authz.build(engine.clone(), decision_metrics.clone())?;
+            let service = ext_authz
+                .build(engine.clone(), decision_metrics.clone())?
+                .with_decision_log(decision_log.logger());
             routes = routes.add_service(service.into_server());
         }
         let grpc_server = tokio::spawn(

@@ -1021,3 +1021,56 @@ async fn python_envoy_data_plane_client() {
     assert!(stdout.contains("as expected"), "{stdout}");
     server.stop().await.unwrap();
 }
+
+/// Every ext_authz answer is a decision-log record with transport
+/// `ext_authz`: allows, denies, and refusals before evaluation alike; the
+/// bearer token and cookies never reach the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_authz_decisions_are_logged_without_credentials() {
+    use arbiter::decision_log::{DecisionLogConfig, SinkConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("decisions.jsonl");
+    let mut config = server_config(example_mapping());
+    config.decision_log = DecisionLogConfig {
+        spool_dir: Some(dir.path().join("spool")),
+        sinks: vec![SinkConfig::File {
+            name: None,
+            path: log_path.clone(),
+            max_bytes: None,
+            max_files: None,
+        }],
+        ..DecisionLogConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    let mut client = client(server.addr).await;
+    let bob = token("bob");
+    let allow = check(
+        &mut client,
+        http("PUT", "/tenants/acme/documents/acme-roadmap")
+            .bearer(&bob)
+            .header("cookie", "session=s3cr3t")
+            .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    )
+    .await;
+    assert!(allow.allowed(), "{allow:?}");
+    let missing = check(&mut client, http("GET", "/tenants/acme/documents/acme-roadmap")).await;
+    assert_denied(&missing, 401);
+    let allow_id = allow.header("x-arbiter-decision-id").to_string();
+    server.stop().await.unwrap();
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let records: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 2, "{text}");
+    assert!(records.iter().all(|r| r["transport"] == "ext_authz"), "{text}");
+    let logged_allow = records
+        .iter()
+        .find(|r| r["decision_id"] == allow_id.as_str())
+        .expect("the allow is logged under its decision id");
+    assert_eq!(logged_allow["decision"], "allow", "{logged_allow}");
+    assert_eq!(logged_allow["principal"]["id"], "bob", "{logged_allow}");
+    assert_eq!(logged_allow["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "{logged_allow}");
+    let denied = records.iter().find(|r| r["decision_id"] != allow_id.as_str()).unwrap();
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    assert!(!text.contains(&bob), "the bearer token leaked: {text}");
+    assert!(!text.contains("s3cr3t"), "the cookie leaked: {text}");
+}

@@ -44,6 +44,7 @@ use tonic::{Request, Response, Status};
 pub use jwt::{JwksError, JwtConfig, JwtVerifier};
 pub use mapping::{ExtAuthzConfig, Mapping, MappingConfigError, MappingError, normalise};
 
+use crate::decision_log::{Caller, DecisionEvent, DecisionLogger, Transport, Uid};
 use crate::engine::{CheckInput, Decision, Engine, EntityRef, RequestEntities, UidInput};
 use crate::telemetry::DecisionMetrics;
 use mapping::{PrincipalSource, RequestFacts, Unmatched};
@@ -73,6 +74,7 @@ pub struct ExtAuthzService {
     mapping: Arc<Mapping>,
     jwt: Option<Arc<JwtVerifier>>,
     jwt_header: String,
+    log: DecisionLogger,
 }
 
 impl ExtAuthzConfig {
@@ -99,6 +101,7 @@ impl ExtAuthzConfig {
             mapping: Arc::new(mapping),
             jwt,
             jwt_header,
+            log: DecisionLogger::disabled(),
         })
     }
 }
@@ -144,8 +147,87 @@ impl ExtAuthzService {
         AuthorizationServer::new(self)
     }
 
-    /// Every decision passes here once. Decision logging hooks in here.
-    fn decided(&self, decided: &Decided<'_>) {
+    /// Every decision (a refusal before evaluation too) becomes a
+    /// decision-log record with transport `ext_authz`.
+    pub fn with_decision_log(mut self, log: DecisionLogger) -> Self {
+        self.log = log;
+        self
+    }
+
+    /// Every decision passes here once, and from here to the decision log.
+    async fn decided(&self, decided: &Decided<'_>, headers: Option<&HashMap<String, String>>) {
+        self.trace(decided);
+        if !self.log.is_enabled() {
+            return;
+        }
+        let decision = match decided.decision {
+            Some(decision) => decision.clone(),
+            None => {
+                // Refused before evaluation (credentials, mapping): still a
+                // decision, a deny, with the reason as its error.
+                let snapshot = self.engine.snapshot();
+                let revision = |pick: fn(&crate::engine::Snapshot) -> Arc<str>| {
+                    snapshot.as_deref().map_or_else(|| Arc::from(""), pick)
+                };
+                Decision {
+                    allowed: decided.allowed,
+                    reasons: Vec::new(),
+                    errors: decided
+                        .mapping_error
+                        .map(|error| crate::engine::PolicyEvaluationError {
+                            policy_id: "<ext_authz mapping>".into(),
+                            message: error.to_string(),
+                        })
+                        .into_iter()
+                        .collect(),
+                    decision_id: decided.decision_id.to_owned(),
+                    policy_revision: revision(|s| s.policies.revision.clone()),
+                    data_revision: revision(|s| s.data.revision.clone()),
+                    elapsed: std::time::Duration::ZERO,
+                    cached: false,
+                }
+            }
+        };
+        let uid = |entity: Option<&EntityRef>| {
+            entity.map(|entity| Uid {
+                type_name: entity.type_name.clone(),
+                id: entity.id.clone(),
+            })
+        };
+        let mut event = DecisionEvent::new(Transport::ExtAuthz, decision);
+        event.principal = uid(decided.principal);
+        event.action = uid(decided.action);
+        event.resource = uid(decided.resource);
+        // Envoy's view of the downstream client: an IP (its port travels
+        // separately), or a pipe path for a Unix-socket listener.
+        let peer_address = decided.peer.and_then(|peer| {
+            peer.parse::<std::net::SocketAddr>()
+                .ok()
+                .or_else(|| peer.parse::<IpAddr>().ok().map(|ip| (ip, 0).into()))
+        });
+        event.caller = Caller {
+            uds_peer: decided
+                .peer
+                .filter(|_| peer_address.is_none())
+                .map(str::to_owned),
+            peer_address,
+            tls_identity: None,
+        };
+        event.traceparent = decided.traceparent.map(str::to_owned);
+        // Secrets among them (authorization, cookies) are dropped by the
+        // redactor before the record leaves the process.
+        event.headers = headers
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|(key, value)| (key.clone(), value.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.log.log(event).await;
+    }
+
+    fn trace(&self, decided: &Decided<'_>) {
         tracing::debug!(
             decision_id = decided.decision_id,
             allowed = decided.allowed,
@@ -226,7 +308,7 @@ impl ExtAuthzService {
                 (None, None)
             }
         };
-        self.decided(&Decided {
+        let decided = Decided {
             decision_id: &decision_id,
             allowed: response.status.as_ref().is_some_and(|s| s.code == OK),
             decision,
@@ -236,7 +318,8 @@ impl ExtAuthzService {
             mapping_error,
             peer: peer.as_deref(),
             traceparent,
-        });
+        };
+        self.decided(&decided, headers.as_deref()).await;
         response
     }
 
