@@ -19,7 +19,9 @@
 #   bash benches/load/decision_log.sh
 #
 # Knobs (environment): ROUNDS=3 DURATION=8 WARMUP=2 CLIENTS=4 STREAMS=8
-# THREADS=1 CACHE_SIZES="default 0" STRICT=1 (exit 1 below a goal).
+# THREADS=1 CACHE_SIZES="default 0" STRICT=1 (exit 1 below a goal)
+# SPOOL_MAX_BYTES=8589934592 (the spool cap of the nats modes; needs that
+# much free space in $TMPDIR at ~50k req/s).
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -30,6 +32,8 @@ STREAMS=${STREAMS:-8}
 THREADS=${THREADS:-1}
 CACHE_SIZES=${CACHE_SIZES:-default 0}
 STRICT=${STRICT:-0}
+# Large enough that nats-down spools every record of the run (no drops).
+SPOOL_MAX_BYTES=${SPOOL_MAX_BYTES:-8589934592}
 GOAL_NATS=0.93
 GOAL_DOWN=0.85
 
@@ -136,8 +140,8 @@ config() { # config MODE -> TOML path
     nats | nats-down)
       local port=$NATS_PORT
       [[ $mode == nats-down ]] && port=$DEAD_PORT
-      printf '[decision_log]\nspool_dir = "%s"\n\n[[decision_log.sinks]]\ntype = "nats"\nurl = "nats://127.0.0.1:%s"\nsubject = "bench.decisions"\nstream = "BENCH"\n' \
-        "$WORK/spool-$mode-$RANDOM" "$port" >"$file"
+      printf '[decision_log]\nspool_dir = "%s"\nspool_max_bytes = %s\n\n[[decision_log.sinks]]\ntype = "nats"\nurl = "nats://127.0.0.1:%s"\nsubject = "bench.decisions"\nstream = "BENCH"\n' \
+        "$WORK/spool-$mode-$RANDOM" "$SPOOL_MAX_BYTES" "$port" >"$file"
       ;;
   esac
   echo "$file"
