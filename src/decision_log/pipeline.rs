@@ -81,6 +81,9 @@ impl TailSource {
     }
 }
 
+/// How long the pipeline waits for more records after a small batch.
+const LINGER: Duration = Duration::from_millis(1);
+
 /// Records buffered per tailing reader before it starts skipping.
 const TAIL_BUFFER: usize = 4096;
 
@@ -389,6 +392,18 @@ impl Writer {
                     )
                     .await
                 });
+                if matches!(received, Ok(n) if n > 0 && n < batch / 2) {
+                    // Linger a moment so that under load records are
+                    // written, read and sent in batches, not one by one:
+                    // fewer syscalls, wake-ups and sink round trips.
+                    std::thread::sleep(LINGER);
+                    while events.len() < batch {
+                        match self.rx.try_recv() {
+                            Ok(event) => events.push(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 matches!(received, Ok(0))
             };
             for event in events.drain(..) {

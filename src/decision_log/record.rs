@@ -181,6 +181,11 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
         serde_json::from_str(&event.context_json)
             .unwrap_or_else(|_| Value::String("[unparsable context]".into()))
     };
+    let fast = redactor.context_only();
+    let mut context = context;
+    if fast {
+        redactor.apply_context(&mut context);
+    }
     let record = RecordJson {
         decision_id: &decision.decision_id,
         timestamp: rfc3339(event.timestamp),
@@ -212,9 +217,19 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
         headers: event
             .headers
             .iter()
-            .map(|(name, value)| (name.to_ascii_lowercase(), value.clone()))
+            .filter_map(|(name, value)| {
+                let value = if fast {
+                    Redactor::header_value(name, value)?
+                } else {
+                    value.clone()
+                };
+                Some((name.to_ascii_lowercase(), value))
+            })
             .collect(),
     };
+    if fast {
+        return serde_json::to_vec(&record).unwrap_or_default();
+    }
     let mut value = serde_json::to_value(&record).unwrap_or(Value::Null);
     redactor.apply(&mut value);
     serde_json::to_vec(&value).unwrap_or_default()
@@ -229,6 +244,55 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_micros(1_764_406_416_123_456);
         assert_eq!(rfc3339(t), "2025-11-29T08:53:36.123456Z");
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn the_fast_path_redacts_exactly_like_the_whole_record_path() {
+        let decision = Decision {
+            allowed: true,
+            reasons: vec!["p1".into()],
+            errors: Vec::new(),
+            decision_id: "id-1".into(),
+            policy_revision: "r".into(),
+            data_revision: "d".into(),
+            elapsed: Duration::from_micros(3),
+            cached: true,
+        };
+        let mut event = DecisionEvent::new(Transport::ExtAuthz, decision);
+        event.context_json =
+            r#"{"ssn": "1", "email": "a@b", "Cookie": "c", "x": {"password": "p", "ok": 1}}"#
+                .into();
+        event.headers = vec![
+            ("Authorization".into(), "Bearer t".into()),
+            ("X-Note".into(), "basic stuff".into()),
+            ("X-Request-Id".into(), "r1".into()),
+        ];
+        event.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        let context_rules = Redactor::new(&["context.ssn".into()], &["context.email".into()], "s");
+        assert!(context_rules.context_only());
+        // The same rules plus one outside the context take the slow path.
+        let whole = Redactor::new(
+            &["context.ssn".into(), "caller.nothing".into()],
+            &["context.email".into()],
+            "s",
+        );
+        assert!(!whole.context_only());
+        let fast: Value = serde_json::from_slice(&encode(&event, &context_rules)).unwrap();
+        let slow: Value = serde_json::from_slice(&encode(&event, &whole)).unwrap();
+        assert_eq!(fast, slow);
+        assert_eq!(
+            fast["headers"],
+            serde_json::json!({"x-note": "[redacted]", "x-request-id": "r1"})
+        );
+        assert_eq!(fast["context"]["x"], serde_json::json!({"ok": 1}));
+        assert!(fast["context"].get("ssn").is_none());
+        assert!(
+            fast["context"]["email"]
+                .as_str()
+                .unwrap()
+                .starts_with("sha256:")
+        );
+        assert_eq!(fast["transport"], "ext_authz");
     }
 
     #[test]

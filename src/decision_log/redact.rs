@@ -60,6 +60,38 @@ impl Redactor {
         }
     }
 
+    /// Whether every rule is inside `context` (then [`Self::apply_context`]
+    /// and [`Self::keep_header`] redact a record without building it as a
+    /// `Value` first).
+    pub fn context_only(&self) -> bool {
+        self.rules
+            .iter()
+            .all(|(path, _)| path.first().is_some_and(|p| p == "context") && path.len() > 1)
+    }
+
+    /// Redacts a context object in place (for [`Self::context_only`] rules).
+    pub fn apply_context(&self, context: &mut Value) {
+        strip_secrets(context);
+        for (path, action) in &self.rules {
+            apply_path(context, &path[1..], *action, &self.salt);
+        }
+    }
+
+    /// A request header as it may be logged (for [`Self::context_only`]
+    /// rules): `None` for a credential header, `[redacted]` for a
+    /// credential value.
+    pub fn header_value(name: &str, value: &str) -> Option<String> {
+        if is_secret_key(name) {
+            return None;
+        }
+        let mut value = Value::String(value.to_owned());
+        strip_secrets(&mut value);
+        match value {
+            Value::String(text) => Some(text),
+            _ => None,
+        }
+    }
+
     /// Redacts a whole record in place.
     pub fn apply(&self, record: &mut Value) {
         if let Value::Object(map) = record {

@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# Load benchmark of decision logging: the RELEASE Arbiter server under the
+# same h2load load (gRPC unary Check over h2c, as in run.sh) in three modes,
+# run side by side in one run, in alternating rounds (off, nats, nats-down,
+# off, ...):
+#
+#   off        `[decision_log] enabled = false`
+#   nats       every decision logged to NATS JetStream (a nats-server this
+#              script starts on a free port, with a temp store)
+#   nats-down  the NATS sink points at a port nobody listens on: every
+#              record goes to the on-disk spool and waits there
+#
+# Every mode serves the same policies with the same decision cache, so the
+# comparison is fair; CACHE_SIZES runs the whole comparison once per size
+# ("default" = the server's default, 0 = no cache: full Cedar evaluation).
+# Prints req/s, p50 and p99 per mode and the ratios nats/off (goal >= 0.93)
+# and nats-down/off (goal >= 0.85).
+#
+#   bash benches/load/decision_log.sh
+#
+# Knobs (environment): ROUNDS=3 DURATION=8 WARMUP=2 CLIENTS=4 STREAMS=8
+# THREADS=1 CACHE_SIZES="default 0" STRICT=1 (exit 1 below a goal)
+# SPOOL_MAX_BYTES=8589934592 (the spool cap of the nats modes; needs that
+# much free space in $TMPDIR at ~50k req/s).
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8}
+WARMUP=${WARMUP:-2}
+CLIENTS=${CLIENTS:-4}
+STREAMS=${STREAMS:-8}
+THREADS=${THREADS:-1}
+CACHE_SIZES=${CACHE_SIZES:-default 0}
+STRICT=${STRICT:-0}
+# Large enough that nats-down spools every record of the run (no drops).
+SPOOL_MAX_BYTES=${SPOOL_MAX_BYTES:-8589934592}
+GOAL_NATS=0.93
+GOAL_DOWN=0.85
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
+METHOD=/arbiter.v1.Authorizer/Check
+
+fail() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+missing=()
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+NATS_SERVER=/usr/sbin/nats-server
+[[ -x $NATS_SERVER ]] || NATS_SERVER=$(command -v nats-server || true)
+[[ -n $NATS_SERVER ]] || missing+=(nats-server)
+if ((${#missing[@]})); then
+  echo "installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  NATS_SERVER=/usr/sbin/nats-server
+fi
+
+echo "building (release): arbiter, example grpc_body" >&2
+cargo build --release --quiet --bin arbiter --example grpc_body
+ARBITER=$TARGET/arbiter
+BODYTOOL=$TARGET/examples/grpc_body
+
+WORK=$(mktemp -d)
+PIDS=()
+stop_all() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  PIDS=()
+}
+cleanup() {
+  stop_all
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+USED_PORTS=" "
+free_port() {
+  local port
+  while :; do
+    port=$((30000 + RANDOM % 30000))
+    [[ $USED_PORTS == *" $port "* ]] && continue
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      USED_PORTS+="$port "
+      echo "$port"
+      return
+    fi
+  done
+}
+while read -r name; do unset "$name"; done < <(compgen -e | grep '^ARBITER_' || true)
+
+BODY=$WORK/check_request.bin
+"$BODYTOOL" encode "$BODY"
+
+metric() { # metric ADMIN_PORT NAME_PREFIX: sum of matching samples
+  curl -fsS "http://127.0.0.1:$1/metrics" | awk -v m="$2" 'index($1, m) == 1 { s += $2 } END { printf "%d\n", s }'
+}
+
+run_load() { # run_load PORT NAME: sets R_RPS R_P50 R_P99
+  local port=$1 name=$2 out=$WORK/$2.out log=$WORK/$2.log
+  h2load -D "$DURATION" --warm-up-time "$WARMUP" -c "$CLIENTS" -m "$STREAMS" -t "$THREADS" \
+    -d "$BODY" -H 'content-type: application/grpc' -H 'te: trailers' \
+    --log-file "$log" "http://127.0.0.1:$port$METHOD" >"$out" 2>&1 ||
+    { cat "$out" >&2; fail "h2load failed against $name"; }
+  local failed
+  R_RPS=$(awk '/^finished in/ { sub(/,/, "", $4); print $4 }' "$out")
+  failed=$(awk '/^requests:/ { print $10 + $12 + $14 }' "$out")
+  [[ -n $R_RPS && $failed == 0 ]] || { cat "$out" >&2; fail "$name: requests failed under load"; }
+  read -r R_P50 R_P99 < <(cut -f3 "$log" | sort -n | awk '
+    { v[NR] = $1 }
+    function rank(p,   i) { i = int(p * NR); if (i < p * NR) i++; if (i < 1) i = 1; return v[i] }
+    END { print rank(0.50), rank(0.99) }')
+}
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+NATS_PORT=$(free_port)
+DEAD_PORT=$(free_port)
+mkdir -p "$WORK/nats"
+"$NATS_SERVER" -js -sd "$WORK/nats" -p "$NATS_PORT" -a 127.0.0.1 >"$WORK/nats.log" 2>&1 &
+NATS_PID=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
+
+config() { # config MODE -> TOML path
+  local mode=$1 file=$WORK/$1.toml
+  case $mode in
+    off) printf '[decision_log]\nenabled = false\n' >"$file" ;;
+    nats | nats-down)
+      local port=$NATS_PORT
+      [[ $mode == nats-down ]] && port=$DEAD_PORT
+      printf '[decision_log]\nspool_dir = "%s"\nspool_max_bytes = %s\n\n[[decision_log.sinks]]\ntype = "nats"\nurl = "nats://127.0.0.1:%s"\nsubject = "bench.decisions"\nstream = "BENCH"\n' \
+        "$WORK/spool-$mode-$RANDOM" "$SPOOL_MAX_BYTES" "$port" >"$file"
+      ;;
+  esac
+  echo "$file"
+}
+
+MODES=(off nats nats-down)
+SUMMARY=()
+status=0
+for cache in $CACHE_SIZES; do
+  declare -A GRPC=() ADMIN=()
+  cache_args=()
+  [[ $cache != default ]] && cache_args=(--decision-cache-size "$cache")
+  for mode in "${MODES[@]}"; do
+    GRPC[$mode]=$(free_port)
+    ADMIN[$mode]=$(free_port)
+    "$ARBITER" serve --config "$(config "$mode")" --listen "127.0.0.1:${GRPC[$mode]}" \
+      --admin-listen "127.0.0.1:${ADMIN[$mode]}" "${cache_args[@]}" \
+      >/dev/null 2>"$WORK/arbiter-$mode.log" &
+    PIDS+=($!)
+  done
+  for mode in "${MODES[@]}"; do
+    for _ in $(seq 300); do
+      curl -fsS -o /dev/null "http://127.0.0.1:${ADMIN[$mode]}/ready" 2>/dev/null && break
+      sleep 0.1
+    done
+    curl -fsS -o /dev/null "http://127.0.0.1:${ADMIN[$mode]}/ready" ||
+      { cat "$WORK/arbiter-$mode.log" >&2; fail "arbiter ($mode) is not ready"; }
+  done
+  echo "cache $cache: h2load -D ${DURATION}s (+${WARMUP}s) -c $CLIENTS -m $STREAMS; $ROUNDS rounds of ${MODES[*]}; $(nproc) cores" >&2
+  declare -A RPS=() P50=() P99=()
+  for round in $(seq "$ROUNDS"); do
+    for mode in "${MODES[@]}"; do
+      run_load "${GRPC[$mode]}" "$mode"
+      RPS[$mode]+="$R_RPS " P50[$mode]+="$R_P50 " P99[$mode]+="$R_P99 "
+      printf 'cache %-7s round %d  %-9s %9.0f req/s  p50 %6d us  p99 %6d us\n' \
+        "$cache" "$round" "$mode" "$R_RPS" "$R_P50" "$R_P99" >&2
+    done
+  done
+  # shellcheck disable=SC2086
+  off=$(median ${RPS[off]})
+  echo
+  echo "decision cache: $cache; median of $ROUNDS rounds, $((CLIENTS * STREAMS)) concurrent streams"
+  printf '  %-10s %10s %9s %9s %8s %12s %10s\n' mode 'req/s' 'p50 us' 'p99 us' ratio delivered dropped
+  for mode in "${MODES[@]}"; do
+    # shellcheck disable=SC2086
+    rps=$(median ${RPS[$mode]})
+    ratio=$(awk -v a="$rps" -v b="$off" 'BEGIN { printf "%.3f", a / b }')
+    delivered=$(metric "${ADMIN[$mode]}" arbiter_decision_log_delivered_total)
+    dropped=$(metric "${ADMIN[$mode]}" arbiter_decision_log_dropped_total)
+    spooled=$(metric "${ADMIN[$mode]}" arbiter_decision_log_spooled_total)
+    # shellcheck disable=SC2086
+    printf '  %-10s %10.0f %9d %9d %8s %12s %10s\n' "$mode" "$rps" "$(median ${P50[$mode]})" \
+      "$(median ${P99[$mode]})" "$ratio" "$delivered/$spooled" "$dropped"
+    goal=
+    [[ $mode == nats ]] && goal=$GOAL_NATS
+    [[ $mode == nats-down ]] && goal=$GOAL_DOWN
+    if [[ -n $goal ]]; then
+      if awk -v r="$ratio" -v g="$goal" 'BEGIN { exit !(r < g) }'; then
+        SUMMARY+=("cache $cache: $mode/off = $ratio, below the goal $goal")
+        status=1
+      else
+        SUMMARY+=("cache $cache: $mode/off = $ratio (goal >= $goal)")
+      fi
+    fi
+  done
+  stop_all
+done
+kill -TERM "$NATS_PID" 2>/dev/null || true
+wait "$NATS_PID" 2>/dev/null || true
+echo
+printf '%s\n' "${SUMMARY[@]}"
+[[ $STRICT == 1 ]] && exit "$status"
+exit 0
