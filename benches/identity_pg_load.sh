@@ -50,6 +50,10 @@ ANALYZE;
 SQL
 echo "loaded $USERS users into postgres in $(echo "$(date +%s.%N) - $started" | bc) s"
 
+# How long the mapping query alone takes (part of the time to ready).
+"${PSQL[@]}" -d "$DB" -c '\timing on' \
+  -c 'SELECT count(*), sum(length(attrs::text) + length(parents::text)) FROM arbiter_entities'
+
 dir=$(mktemp -d)
 cp deploy/postgres/example.cedar "$dir/policies.cedar"
 cat > "$dir/arbiter.toml" <<TOML

@@ -90,10 +90,11 @@ impl StoreError {
     }
 }
 
-/// The persistent map; clones share structure.
+/// The persistent map; clones share structure. Keys are behind an `Arc`
+/// so that the nodes a write copies (copy on write) stay small.
 #[derive(Debug, Clone, Default)]
 pub struct EntityStore {
-    entities: imbl::HashMap<EntityUid, Arc<StoredEntity>>,
+    entities: imbl::HashMap<Arc<EntityUid>, Arc<StoredEntity>>,
 }
 
 impl EntityStore {
@@ -140,7 +141,7 @@ impl EntityStore {
                 });
             }
         }
-        self.entities.insert(uid, Arc::new(stored));
+        self.entities.insert(Arc::new(uid), Arc::new(stored));
         Ok(())
     }
 
