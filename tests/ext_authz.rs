@@ -1049,27 +1049,46 @@ async fn ext_authz_decisions_are_logged_without_credentials() {
         http("PUT", "/tenants/acme/documents/acme-roadmap")
             .bearer(&bob)
             .header("cookie", "session=s3cr3t")
-            .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
     )
     .await;
     assert!(allow.allowed(), "{allow:?}");
-    let missing = check(&mut client, http("GET", "/tenants/acme/documents/acme-roadmap")).await;
+    let missing = check(
+        &mut client,
+        http("GET", "/tenants/acme/documents/acme-roadmap"),
+    )
+    .await;
     assert_denied(&missing, 401);
     let allow_id = allow.header("x-arbiter-decision-id").to_string();
     server.stop().await.unwrap();
 
     let text = std::fs::read_to_string(&log_path).unwrap();
-    let records: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(records.len(), 2, "{text}");
-    assert!(records.iter().all(|r| r["transport"] == "ext_authz"), "{text}");
+    assert!(
+        records.iter().all(|r| r["transport"] == "ext_authz"),
+        "{text}"
+    );
     let logged_allow = records
         .iter()
         .find(|r| r["decision_id"] == allow_id.as_str())
         .expect("the allow is logged under its decision id");
     assert_eq!(logged_allow["decision"], "allow", "{logged_allow}");
     assert_eq!(logged_allow["principal"]["id"], "bob", "{logged_allow}");
-    assert_eq!(logged_allow["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "{logged_allow}");
-    let denied = records.iter().find(|r| r["decision_id"] != allow_id.as_str()).unwrap();
+    assert_eq!(
+        logged_allow["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{logged_allow}"
+    );
+    let denied = records
+        .iter()
+        .find(|r| r["decision_id"] != allow_id.as_str())
+        .unwrap();
     assert_eq!(denied["decision"], "deny", "{denied}");
     assert!(!text.contains(&bob), "the bearer token leaked: {text}");
     assert!(!text.contains("s3cr3t"), "the cookie leaked: {text}");

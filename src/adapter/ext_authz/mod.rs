@@ -124,7 +124,7 @@ impl Principal {
 }
 
 /// What one ext_authz call decided, with what the decision log needs:
-/// the place where a `DecisionLogger` (transport `ext_authz`) plugs in.
+/// it becomes a decision-log record with transport `ext_authz`.
 #[derive(Debug)]
 pub struct Decided<'a> {
     pub decision_id: &'a str,
