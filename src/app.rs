@@ -233,7 +233,7 @@ impl Server {
         let grpc_server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_routes(routes.clone())
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop),
+                .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(grpc)), grpc_stop),
         );
         // The same services on the Unix socket, drained with the TCP ones.
         let uds_server = uds.map(|listener| {
@@ -455,6 +455,21 @@ async fn end_health_watches(mut reporter: tonic_health::server::HealthReporter) 
     reporter.clear_service_status("").await;
     reporter.clear_service_status("arbiter.v1.Authorizer").await;
     reporter.clear_service_status(ext_authz::SERVICE_NAME).await;
+}
+
+/// Accepted TCP connections with `TCP_NODELAY`: a gRPC answer written in
+/// more than one segment (ext_authz responses with headers and metadata)
+/// must not wait ~40 ms for a delayed ACK (Nagle). `serve_with_incoming`
+/// does not set it.
+fn nodelay(
+    incoming: TcpListenerStream,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    incoming.map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
 }
 
 async fn wait_for_stop(mut stop: watch::Receiver<bool>) {

@@ -32,11 +32,14 @@ if ! command -v python3 >/dev/null 2>&1; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-pip >/dev/null
 fi
-if ! python3 -c 'import envoy_data_plane, grpc' >/dev/null 2>&1; then
-  echo "installing envoy-data-plane and grpcio (pip)" >&2
-  python3 -m pip install -q --disable-pip-version-check envoy-data-plane==2.2.0 grpcio ||
+# Its generated modules also import grpclib and pydantic, which the package
+# does not declare.
+PY_PACKAGES=(envoy-data-plane==2.2.0 grpcio grpclib pydantic)
+if ! python3 -c 'import envoy_data_plane.envoy.service.auth.v3, grpc' >/dev/null 2>&1; then
+  echo "installing ${PY_PACKAGES[*]} (pip)" >&2
+  python3 -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}" ||
     python3 -m pip install -q --disable-pip-version-check --break-system-packages \
-      envoy-data-plane==2.2.0 grpcio
+      "${PY_PACKAGES[@]}"
 fi
 
 # The identity tests need PostgreSQL on 127.0.0.1:5432 (trust auth):
