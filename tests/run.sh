@@ -62,8 +62,11 @@ if ! command -v scim2-server >/dev/null 2>&1; then
 fi
 
 # Every target, benches included (criterion runs each bench once as a test),
-# then the whole Cedar conformance corpus in-process (ignored by default: it
-# takes minutes in a debug build).
+# then the tests ignored by a plain `cargo test`: the whole Cedar conformance
+# corpus in-process (minutes in a debug build) and the cross-language ext_authz
+# check (needs the Python packages installed above). The other ignored tests
+# are measurements, run by hand.
 cargo test --locked --all-targets
 cargo test --locked --test conformance whole_corpus -- --ignored
+cargo test --locked --test ext_authz python_envoy_data_plane_client -- --ignored
 cargo test --locked --doc
