@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use cedar_policy::{Entities, Entity, EntityUid};
 
-use super::snapshot::collect_uids;
+use super::snapshot::entity_references;
 
 /// One entity as stored: Cedar's entity (attributes already evaluated) and
 /// the edges a slice follows.
@@ -37,16 +37,7 @@ impl StoredEntity {
     /// `parents` must be the entity's direct parents.
     pub fn new(entity: Entity, parents: Vec<EntityUid>) -> Self {
         let mut references = Vec::new();
-        for (_, value) in entity.attrs() {
-            if let Ok(value) = value {
-                collect_uids(&value, &mut references);
-            }
-        }
-        for (_, value) in entity.tags() {
-            if let Ok(value) = value {
-                collect_uids(&value, &mut references);
-            }
-        }
+        entity_references(&entity, &mut references);
         StoredEntity {
             entity,
             parents: parents.into_boxed_slice(),
@@ -271,16 +262,7 @@ impl EntityStore {
             }
             if let Some(entity) = overlay.get(&uid) {
                 let mut out = Vec::new();
-                for (_, value) in entity.attrs() {
-                    if let Ok(value) = value {
-                        collect_uids(&value, &mut out);
-                    }
-                }
-                for (_, value) in entity.tags() {
-                    if let Ok(value) = value {
-                        collect_uids(&value, &mut out);
-                    }
-                }
+                entity_references(entity, &mut out);
                 out.extend(overlay.ancestors(&uid).into_iter().flatten().cloned());
                 pending.extend(out.into_iter().filter(|uid| !seen.contains(uid)));
                 slice.push(entity.clone());

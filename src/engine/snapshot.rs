@@ -125,16 +125,7 @@ impl EntityData {
             let uid = entity.uid();
             let mut out = Vec::new();
             out.extend(entities.ancestors(&uid).into_iter().flatten().cloned());
-            for (_, value) in entity.attrs() {
-                if let Ok(value) = value {
-                    collect_uids(&value, &mut out);
-                }
-            }
-            for (_, value) in entity.tags() {
-                if let Ok(value) = value {
-                    collect_uids(&value, &mut out);
-                }
-            }
+            entity_references(entity, &mut out);
             if !out.is_empty() {
                 references.insert(uid, out.into_boxed_slice());
             }
@@ -213,16 +204,7 @@ impl EntityData {
                 // The request's copy wins; follow its own references, and
                 // its parents so their ancestors join the closure.
                 let mut out = Vec::new();
-                for (_, value) in entity.attrs() {
-                    if let Ok(value) = value {
-                        collect_uids(&value, &mut out);
-                    }
-                }
-                for (_, value) in entity.tags() {
-                    if let Ok(value) = value {
-                        collect_uids(&value, &mut out);
-                    }
-                }
+                entity_references(entity, &mut out);
                 out.extend(overlay.ancestors(&uid).into_iter().flatten().cloned());
                 pending.extend(out.into_iter().filter(|uid| !seen.contains(uid)));
                 slice.push(entity.clone());
@@ -239,6 +221,15 @@ impl EntityData {
             }
         }
         slice
+    }
+}
+
+/// Every entity uid an entity's attributes and tags name.
+pub(crate) fn entity_references(entity: &Entity, out: &mut Vec<EntityUid>) {
+    for (_, value) in entity.attrs().chain(entity.tags()) {
+        if let Ok(value) = value {
+            collect_uids(&value, out);
+        }
     }
 }
 
