@@ -384,20 +384,7 @@ impl Applier {
     }
 
     fn reject_row(&self, uid: &EntityUid, error: &RowError) {
-        tracing::error!(
-            target: "arbiter::identity",
-            source = self.source,
-            entity = %uid,
-            reason = error.kind(),
-            "identity row refused: {error}"
-        );
-        metrics::counter!(
-            "arbiter_identity_rejected_rows_total",
-            "source" => self.source,
-            "entity" => uid.to_string(),
-            "reason" => error.kind()
-        )
-        .increment(1);
+        self.refuse(uid, error.kind(), error);
     }
 
     fn reject_store(&self, error: &StoreError) {
@@ -406,18 +393,23 @@ impl Applier {
             | StoreError::Cycle { uid, .. }
             | StoreError::ParentRefused { uid, .. } => uid,
         };
+        self.refuse(uid, error.kind(), error);
+    }
+
+    /// One refused row: a log line and a metric, both naming the entity.
+    fn refuse(&self, uid: &EntityUid, reason: &'static str, error: &dyn std::fmt::Display) {
         tracing::error!(
             target: "arbiter::identity",
             source = self.source,
             entity = %uid,
-            reason = error.kind(),
+            reason,
             "identity row refused: {error}"
         );
         metrics::counter!(
             "arbiter_identity_rejected_rows_total",
             "source" => self.source,
             "entity" => uid.to_string(),
-            "reason" => error.kind()
+            "reason" => reason
         )
         .increment(1);
     }
