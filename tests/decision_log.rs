@@ -50,6 +50,8 @@ fn nats_sink(url: &str) -> SinkConfig {
         stream: Some(STREAM.into()),
         create_stream: None,
         ack_timeout_ms: Some(1000),
+        records_per_message: None,
+        max_message_bytes: None,
     }
 }
 
@@ -195,6 +197,65 @@ async fn nats_sink_up_delivers_every_decision_exactly_once_in_order_redacted() {
         }
     }
     server.stop().await.unwrap();
+}
+
+/// Concurrent decisions are packed several to a message (default), and
+/// `records_per_message = 1` sends each alone; both lose and repeat nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_sink_packs_records_into_messages_unless_told_one_per_message() {
+    for records_per_message in [None, Some(1)] {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = nats_sink(&nats.url());
+        if let SinkConfig::Nats {
+            records_per_message: r,
+            ..
+        } = &mut sink
+        {
+            *r = records_per_message;
+        }
+        let server = start_server(
+            dir.path(),
+            log_config(&dir.path().join("spool"), vec![sink]),
+        )
+        .await;
+        let mut tasks = Vec::new();
+        for task in 0..8 {
+            let mut client = server.client().await;
+            tasks.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for n in 0..50 {
+                    ids.push(check(&mut client, task * 50 + n).await.0);
+                }
+                ids
+            }));
+        }
+        let mut expected = HashSet::new();
+        for task in tasks {
+            expected.extend(task.await.unwrap());
+        }
+        let n = expected.len() as u64;
+        assert_eq!(n, 400);
+        let got = nats::wait_for_count(&nats.url(), STREAM, n, Duration::from_secs(30)).await;
+        assert_eq!(got, n);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // `messages` checks each message's id and record count.
+        let records = nats::messages(&nats.url(), STREAM).await;
+        let ids: Vec<String> = records.into_iter().map(|(id, _)| id).collect();
+        let unique: HashSet<String> = ids.iter().cloned().collect();
+        assert_eq!(ids.len(), unique.len(), "duplicates on the stream");
+        assert_eq!(unique, expected);
+        let messages = nats::message_count(&nats.url(), STREAM).await;
+        println!("records_per_message {records_per_message:?}: {n} records in {messages} messages");
+        match records_per_message {
+            Some(1) => assert_eq!(messages, n),
+            _ => assert!(
+                messages < n,
+                "{n} records were not packed: {messages} messages"
+            ),
+        }
+        server.stop().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

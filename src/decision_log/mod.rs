@@ -171,6 +171,20 @@ impl DecisionLogConfig {
                 "`decision_log.sinks` is empty; set `enabled = false` to turn logging off".into(),
             );
         }
+        for sink in &self.sinks {
+            if let SinkConfig::Nats {
+                records_per_message,
+                max_message_bytes,
+                ..
+            } = sink
+                && (*records_per_message == Some(0) || *max_message_bytes == Some(0))
+            {
+                problems.push(format!(
+                    "sink `{}`: `records_per_message` and `max_message_bytes` must be greater than zero",
+                    sink.name()
+                ));
+            }
+        }
         let mut names: Vec<String> = self.sinks.iter().map(SinkConfig::name).collect();
         for name in &names {
             if name.is_empty()

@@ -88,7 +88,10 @@ impl Drop for NatsServer {
     }
 }
 
-/// Every message in `stream`, in stream order: (Nats-Msg-Id, payload JSON).
+/// The records in `stream`, in stream order, each with its decision id:
+/// packed messages are unpacked. Every message is checked to be what the
+/// sink promises: `Arbiter-Records` lines, and a `Nats-Msg-Id` that is the
+/// decision id of a lone record or `<first>..<last>` of a packed one.
 pub async fn messages(url: &str, stream: &str) -> Vec<(String, serde_json::Value)> {
     let client = async_nats::connect(url).await.unwrap();
     let js = jetstream::new(client);
@@ -105,17 +108,44 @@ pub async fn messages(url: &str, stream: &str) -> Vec<(String, serde_json::Value
         let Ok(message) = stream.get_raw_message(seq).await else {
             continue;
         };
-        let id = message
-            .headers
-            .get("Nats-Msg-Id")
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        out.push((id, serde_json::from_slice(&message.payload).unwrap()));
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let message_id = header("Nats-Msg-Id");
+        let count: usize = header("Arbiter-Records").parse().unwrap();
+        let records: Vec<serde_json::Value> = message
+            .payload
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).unwrap())
+            .collect();
+        assert_eq!(records.len(), count, "`Arbiter-Records` of message {seq}");
+        let id = |r: &serde_json::Value| r["decision_id"].as_str().unwrap().to_owned();
+        let named = match records.as_slice() {
+            [one] => id(one),
+            [first, .., last] => format!("{}..{}", id(first), id(last)),
+            [] => String::new(),
+        };
+        assert_eq!(message_id, named, "`Nats-Msg-Id` of message {seq}");
+        out.extend(records.into_iter().map(|r| (id(&r), r)));
     }
     out
 }
 
-/// Messages in `stream` (0 when it does not exist or the server is down).
+/// Messages in `stream` (0 when it does not exist).
+pub async fn message_count(url: &str, stream: &str) -> u64 {
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    match js.get_stream(stream).await {
+        Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.messages),
+        Err(_) => 0,
+    }
+}
+
+/// Records in `stream` (0 when it does not exist or the server is down).
 pub async fn count(url: &str, stream: &str) -> u64 {
     let Ok(Ok(client)) =
         tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url)).await
@@ -123,13 +153,29 @@ pub async fn count(url: &str, stream: &str) -> u64 {
         return 0;
     };
     let js = jetstream::new(client);
-    match js.get_stream(stream).await {
-        Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.messages),
-        Err(_) => 0,
+    let Ok(mut stream) = js.get_stream(stream).await else {
+        return 0;
+    };
+    let Ok(info) = stream.info().await else {
+        return 0;
+    };
+    if info.state.messages == 0 {
+        return 0;
     }
+    let mut records = 0;
+    for seq in info.state.first_sequence..=info.state.last_sequence {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            records += message
+                .headers
+                .get("Arbiter-Records")
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .unwrap_or(1);
+        }
+    }
+    records
 }
 
-/// Waits until `stream` holds `n` messages; returns what it holds at the end.
+/// Waits until `stream` holds `n` records; returns what it holds at the end.
 pub async fn wait_for_count(url: &str, stream: &str, n: u64, within: Duration) -> u64 {
     let deadline = Instant::now() + within;
     loop {

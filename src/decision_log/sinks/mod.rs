@@ -46,9 +46,10 @@ pub enum SinkConfig {
         /// Rotated files kept: `path.1` (newest) .. `path.N` [default: 5].
         max_files: Option<u32>,
     },
-    /// NATS JetStream, one message per record, each acknowledged by the
-    /// stream; `Nats-Msg-Id` is the decision id, so the stream's duplicate
-    /// window drops redeliveries.
+    /// NATS JetStream: records packed as JSON lines, several per message,
+    /// each message acknowledged by the stream; `Nats-Msg-Id` names the
+    /// records (see [`nats`]), so the stream's duplicate window drops
+    /// redeliveries.
     Nats {
         name: Option<String>,
         /// [default: `nats://127.0.0.1:4222`]
@@ -61,6 +62,12 @@ pub enum SinkConfig {
         create_stream: Option<bool>,
         /// Time to wait for a batch's acknowledgements [default: 5000].
         ack_timeout_ms: Option<u64>,
+        /// Records packed in one message, as JSON lines; 1 sends each
+        /// record alone [default: 128].
+        records_per_message: Option<usize>,
+        /// Bytes in one message, at most the server's `max_payload`
+        /// [default: 262144].
+        max_message_bytes: Option<usize>,
     },
     /// An audit collector serving `arbiter.v1.DecisionLogCollector/Publish`:
     /// one client-streaming call per batch, acknowledged by the collector.
@@ -114,6 +121,8 @@ impl SinkConfig {
                 subject,
                 stream,
                 create_stream,
+                records_per_message,
+                max_message_bytes,
                 ..
             } => Sink::Nats(Box::new(
                 nats::NatsSink::connect(
@@ -121,6 +130,8 @@ impl SinkConfig {
                     subject.as_deref().unwrap_or("arbiter.decisions"),
                     stream.as_deref().unwrap_or("ARBITER_DECISIONS"),
                     create_stream.unwrap_or(true),
+                    records_per_message.unwrap_or(128),
+                    max_message_bytes.unwrap_or(256 * 1024),
                 )
                 .await?,
             )),
