@@ -42,11 +42,60 @@ pub struct ServeConfig {
     pub ext_authz: Option<ExtAuthzConfig>,
     /// A Unix-domain socket serving the same gRPC services.
     pub uds: Option<UdsConfig>,
+    /// TLS (and with a client CA, mTLS) on the gRPC TCP listener.
+    pub tls: Option<TlsConfig>,
     /// `[decision_log]`. Off in `ServeConfig::default()` (embedders and
     /// tests opt in); `arbiter serve` resolves it on, to stdout, by default.
     pub decision_log: DecisionLogConfig,
     /// Entity data synced from an identity store instead of the entities file.
     pub identity: Option<IdentityConfig>,
+}
+
+/// TLS on the gRPC TCP listener, from PEM files. With `client_ca`, every
+/// client must present a certificate that chains to it (mTLS), and the
+/// decision log names the client by its SPIFFE id or subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Reads the files; any problem names the file.
+    fn server_config(&self) -> Result<tonic::transport::ServerTlsConfig, ServeError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|error| ServeError::Tls {
+                path: path.clone(),
+                message: error.to_string(),
+            })
+        };
+        let (cert, key) = (read(&self.cert)?, read(&self.key)?);
+        for (path, text, what) in [
+            (&self.cert, &cert, "CERTIFICATE"),
+            (&self.key, &key, "PRIVATE KEY"),
+        ] {
+            if !String::from_utf8_lossy(text).contains(&format!("{what}-----")) {
+                return Err(ServeError::Tls {
+                    path: path.clone(),
+                    message: format!("no PEM `{what}` block"),
+                });
+            }
+        }
+        let mut tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        if let Some(ca) = &self.client_ca {
+            let pem = read(ca)?;
+            if !String::from_utf8_lossy(&pem).contains("CERTIFICATE-----") {
+                return Err(ServeError::Tls {
+                    path: ca.clone(),
+                    message: "no PEM `CERTIFICATE` block".into(),
+                });
+            }
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(pem));
+        }
+        Ok(tls)
+    }
 }
 
 /// A Unix-domain-socket gRPC listener (Envoy sidecars often use one).
@@ -68,6 +117,7 @@ impl Default for ServeConfig {
             shutdown_grace: Duration::from_secs(20),
             ext_authz: None,
             uds: None,
+            tls: None,
             decision_log: DecisionLogConfig::disabled(),
             identity: None,
         }
@@ -83,6 +133,8 @@ pub enum ServeError {
     },
     #[error("the policy set could not be loaded:\n{}", .0.render())]
     InitialLoad(LoadError),
+    #[error("TLS file `{path}`: {message}")]
+    Tls { path: PathBuf, message: String },
     #[error("cannot listen on `{path}`: {source}")]
     BindUds {
         path: PathBuf,
@@ -107,6 +159,7 @@ pub struct Server {
     grpc: TcpListener,
     admin: TcpListener,
     uds: Option<tokio::net::UnixListener>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Server {
@@ -124,6 +177,11 @@ impl Server {
                 addr: config.admin_listen,
                 source,
             })?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(TlsConfig::server_config)
+            .transpose()?;
         let uds = match &config.uds {
             Some(uds) => Some(bind_uds(uds)?),
             None => None,
@@ -133,6 +191,7 @@ impl Server {
             grpc,
             admin,
             uds,
+            tls,
         })
     }
 
@@ -153,6 +212,7 @@ impl Server {
             grpc,
             admin,
             uds,
+            tls,
         } = self;
         // The recorder must exist before any handle is registered.
         telemetry::prometheus();
@@ -230,8 +290,12 @@ impl Server {
                 .with_decision_log(decision_log.logger());
             routes = routes.add_service(service.into_server());
         }
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
         let grpc_server = tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .add_routes(routes.clone())
                 .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(grpc)), grpc_stop),
         );

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::adapter::ext_authz::ExtAuthzConfig;
-use crate::app::{ServeConfig, UdsConfig};
+use crate::app::{ServeConfig, TlsConfig, UdsConfig};
 use crate::decision_log::DecisionLogConfig;
 use crate::engine::loader::DEFAULT_DECISION_CACHE_CAPACITY;
 use crate::engine::{LoadOptions, OnEvaluationError, Sources};
@@ -64,6 +64,25 @@ pub struct ServeArgs {
     /// Permissions of the Unix socket, in octal [default: 0660].
     #[arg(long, env = "ARBITER_UDS_MODE", value_name = "MODE")]
     pub uds_mode: Option<String>,
+    /// Serve gRPC on the TCP listener over TLS with this PEM certificate
+    /// chain (needs --tls-key).
+    #[arg(long, env = "ARBITER_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "ARBITER_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates issued by this PEM CA (mTLS).
+    #[arg(long, env = "ARBITER_TLS_CLIENT_CA", value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// `[tls]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The `--config` file. Unknown keys are an error, so a typo is not ignored.
@@ -83,6 +102,8 @@ pub struct ConfigFile {
     pub shutdown_grace_secs: Option<u64>,
     pub listen_uds: Option<PathBuf>,
     pub uds_mode: Option<String>,
+    /// `[tls]`: TLS on the gRPC TCP listener.
+    pub tls: Option<TlsFile>,
     /// Envoy ext_authz mapping (see the README).
     pub ext_authz: Option<ExtAuthzConfig>,
     /// `[decision_log]`: see the README; logging to stdout when absent.
@@ -145,6 +166,12 @@ impl ServeArgs {
                         *path = base.join(&*path);
                     }
                 }
+                let tls = file.tls.get_or_insert_with(TlsFile::default);
+                for p in [&mut tls.cert, &mut tls.key, &mut tls.client_ca] {
+                    if let Some(path) = p.as_mut().filter(|path| path.is_relative()) {
+                        *path = base.join(&*path);
+                    }
+                }
                 if let Some(log) = file.decision_log.as_mut() {
                     log.make_paths_relative_to(base);
                 }
@@ -193,6 +220,27 @@ impl ServeArgs {
                 })?,
             None => 0o660,
         };
+        let tls_file = file.tls.unwrap_or_default();
+        let tls = match (
+            self.tls_cert.clone().or(tls_file.cert),
+            self.tls_key.clone().or(tls_file.key),
+            self.tls_client_ca.clone().or(tls_file.client_ca),
+        ) {
+            (Some(cert), Some(key), client_ca) => Some(TlsConfig {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "tls",
+                    message: "TLS needs both `tls.cert` and `tls.key` (--tls-cert, --tls-key); \
+                              `tls.client_ca` only adds client verification to them"
+                        .into(),
+                });
+            }
+        };
         let decision_log = file.decision_log.unwrap_or_default();
         let problems = decision_log.problems();
         if !problems.is_empty() {
@@ -239,6 +287,7 @@ impl ServeArgs {
                     path,
                     mode: uds_mode,
                 }),
+            tls,
             ext_authz: file.ext_authz,
             identity: file.identity,
         })

@@ -1044,15 +1044,14 @@ async fn ext_authz_decisions_are_logged_without_credentials() {
     let server = TestServer::start(config).await;
     let mut client = client(server.addr).await;
     let bob = token("bob");
+    let mut put = http("PUT", "/tenants/acme/documents/acme-roadmap");
+    put.peer_principal = "spiffe://cluster.local/ns/docs/sa/web";
     let allow = check(
         &mut client,
-        http("PUT", "/tenants/acme/documents/acme-roadmap")
-            .bearer(&bob)
-            .header("cookie", "session=s3cr3t")
-            .header(
-                "traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            ),
+        put.bearer(&bob).header("cookie", "session=s3cr3t").header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
     )
     .await;
     assert!(allow.allowed(), "{allow:?}");
@@ -1090,6 +1089,21 @@ async fn ext_authz_decisions_are_logged_without_credentials() {
         .find(|r| r["decision_id"] != allow_id.as_str())
         .unwrap();
     assert_eq!(denied["decision"], "deny", "{denied}");
+    // The caller is the HTTP client as Envoy saw it: its address, and its
+    // mTLS identity when Envoy verified one.
+    assert_eq!(
+        logged_allow["caller"],
+        serde_json::json!({
+            "peer_address": "10.1.2.3:0",
+            "tls_identity": "spiffe://cluster.local/ns/docs/sa/web"
+        }),
+        "{logged_allow}"
+    );
+    assert_eq!(
+        denied["caller"],
+        serde_json::json!({"peer_address": "10.1.2.3:0"}),
+        "{denied}"
+    );
     assert!(!text.contains(&bob), "the bearer token leaked: {text}");
     assert!(!text.contains("s3cr3t"), "the cookie leaked: {text}");
 }

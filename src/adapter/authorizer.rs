@@ -92,17 +92,11 @@ impl AuthorizerService {
 }
 
 /// What the decision log needs from the call besides the request itself.
-/// mTLS identity and UDS peers are not filled in yet: the server listens on
-/// plain TCP only.
 fn call_facts<T>(log: &DecisionLogger, request: &Request<T>) -> Option<(Caller, Option<String>)> {
     if !log.is_enabled() {
         return None;
     }
-    let caller = Caller {
-        peer_address: request.remote_addr(),
-        tls_identity: None,
-        uds_peer: None,
-    };
+    let caller = super::caller::of(request.extensions());
     let traceparent = request
         .metadata()
         .get("traceparent")

@@ -4,6 +4,7 @@
 //! [`Decision`](crate::engine::Decision) or error back into a wire answer.
 
 pub mod authorizer;
+pub mod caller;
 pub mod decision_log;
 pub mod ext_authz;
 pub mod status;

@@ -36,6 +36,7 @@ pub fn config(sources: Sources) -> ServeConfig {
         shutdown_grace: Duration::from_secs(10),
         ext_authz: None,
         uds: None,
+        tls: None,
         // Tests that log decisions turn it on with their own temp spool.
         decision_log: arbiter::decision_log::DecisionLogConfig::disabled(),
         identity: None,

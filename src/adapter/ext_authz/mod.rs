@@ -138,6 +138,10 @@ pub struct Decided<'a> {
     pub mapping_error: Option<&'a MappingError>,
     /// The caller as Envoy saw it (`source` address).
     pub peer: Option<&'a str>,
+    /// The downstream's mTLS identity as Envoy verified it (`source.principal`).
+    pub source_principal: Option<&'a str>,
+    /// Who sent the `CheckRequest` (Envoy), as the transport knows it.
+    pub transport: &'a Caller,
     /// W3C trace context of the HTTP request.
     pub traceparent: Option<&'a str>,
 }
@@ -205,13 +209,20 @@ impl ExtAuthzService {
                 .ok()
                 .or_else(|| peer.parse::<IpAddr>().ok().map(|ip| (ip, 0).into()))
         });
+        // The HTTP client as Envoy saw it; where Envoy knows nothing, the
+        // transport's view of Envoy itself.
+        let transport = decided.transport;
         event.caller = Caller {
             uds_peer: decided
                 .peer
                 .filter(|_| peer_address.is_none())
-                .map(str::to_owned),
-            peer_address,
-            tls_identity: None,
+                .map(str::to_owned)
+                .or_else(|| transport.uds_peer.clone()),
+            peer_address: peer_address.or(transport.peer_address),
+            tls_identity: decided
+                .source_principal
+                .map(str::to_owned)
+                .or_else(|| transport.tls_identity.clone()),
         };
         event.traceparent = decided.traceparent.map(str::to_owned);
         // Secrets among them (authorization, cookies) are dropped by the
@@ -241,9 +252,15 @@ impl ExtAuthzService {
     }
 
     /// Answers one `CheckRequest`; never fails.
-    pub async fn answer(&self, request: &CheckRequest) -> CheckResponse {
+    /// The answer to one `CheckRequest` from `transport` (the caller as the
+    /// connection knows it; only logged).
+    pub async fn answer(&self, request: &CheckRequest, transport: &Caller) -> CheckResponse {
         let attributes = request.attributes.as_ref();
         let peer = attributes.and_then(source_address);
+        let source_principal = attributes
+            .and_then(|a| a.source.as_ref())
+            .map(|source| source.principal.as_str())
+            .filter(|principal| !principal.is_empty());
         let http = attributes
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref());
@@ -317,6 +334,8 @@ impl ExtAuthzService {
             resource: resource.as_ref(),
             mapping_error,
             peer: peer.as_deref(),
+            source_principal,
+            transport,
             traceparent,
         };
         self.decided(&decided, headers.as_deref()).await;
@@ -675,7 +694,14 @@ impl Authorization for ExtAuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(self.answer(request.get_ref()).await))
+        let transport = if self.log.is_enabled() {
+            crate::adapter::caller::of(request.extensions())
+        } else {
+            Caller::default()
+        };
+        Ok(Response::new(
+            self.answer(request.get_ref(), &transport).await,
+        ))
     }
 }
 
