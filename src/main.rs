@@ -6,6 +6,9 @@ use arbiter::cli::{self, SourceArgs, check::CheckArgs};
 use arbiter::config::ServeArgs;
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "arbiter",

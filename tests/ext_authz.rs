@@ -1048,10 +1048,14 @@ async fn ext_authz_decisions_are_logged_without_credentials() {
     put.peer_principal = "spiffe://cluster.local/ns/docs/sa/web";
     let allow = check(
         &mut client,
-        put.bearer(&bob).header("cookie", "session=s3cr3t").header(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        ),
+        put.bearer(&bob)
+            .header("cookie", "session=s3cr3t")
+            .header("x-request-id", "req-1")
+            .header("x-internal-note", "not for the audit log")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
     )
     .await;
     assert!(allow.allowed(), "{allow:?}");
@@ -1089,6 +1093,20 @@ async fn ext_authz_decisions_are_logged_without_credentials() {
         .find(|r| r["decision_id"] != allow_id.as_str())
         .unwrap();
     assert_eq!(denied["decision"], "deny", "{denied}");
+    // The Cedar context the policies saw (mapped from the source address
+    // and the token's claims).
+    assert_eq!(
+        logged_allow["context"],
+        serde_json::json!({"source_ip": {"__extn": {"fn": "ip", "arg": "10.1.2.3"}}, "mfa": true}),
+        "{logged_allow}"
+    );
+    // Only the headers `decision_log.headers` names (by default
+    // x-request-id and user-agent) are copied into records.
+    assert_eq!(
+        logged_allow["headers"],
+        serde_json::json!({"x-request-id": "req-1", "user-agent": "curl/8.5.0"}),
+        "{logged_allow}"
+    );
     // The caller is the HTTP client as Envoy saw it: its address, and its
     // mTLS identity when Envoy verified one.
     assert_eq!(

@@ -118,6 +118,12 @@ pub struct DecisionLogConfig {
     pub fsync_interval_ms: u64,
     /// [default: one `stdout` sink]
     pub sinks: Vec<SinkConfig>,
+    /// ext_authz request headers copied into records, by name
+    /// (case-insensitive); `["*"]` copies all. Secrets (authorization,
+    /// cookies, ...) are never logged either way. The Cedar context, which
+    /// holds what the policies saw, is always logged.
+    /// [default: `["x-request-id", "user-agent"]`]
+    pub headers: Vec<String>,
     pub redact: RedactConfig,
 }
 
@@ -135,6 +141,7 @@ impl Default for DecisionLogConfig {
             fsync: Fsync::default(),
             fsync_interval_ms: 1000,
             sinks: vec![SinkConfig::Stdout { name: None }],
+            headers: vec!["x-request-id".into(), "user-agent".into()],
             redact: RedactConfig::default(),
         }
     }
@@ -311,6 +318,8 @@ pub struct DecisionLogger {
 
 #[derive(Debug)]
 struct LoggerInner {
+    /// Lower-cased names from `decision_log.headers`; `None` = all.
+    headers: Option<Vec<String>>,
     queue: mpsc::Sender<DecisionEvent>,
     overflow: Overflow,
     block_timeout: Duration,
@@ -326,6 +335,17 @@ impl DecisionLogger {
 
     pub fn is_enabled(&self) -> bool {
         self.inner.is_some()
+    }
+
+    /// Whether records carry request header `name` (ext_authz).
+    pub fn logs_header(&self, name: &str) -> bool {
+        match &self.inner {
+            None => false,
+            Some(inner) => inner
+                .headers
+                .as_ref()
+                .is_none_or(|names| names.iter().any(|wanted| wanted.eq_ignore_ascii_case(name))),
+        }
     }
 
     /// Hands one decision to the pipeline. Returns at once (one `try_send`),

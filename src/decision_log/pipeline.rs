@@ -229,6 +229,13 @@ impl DecisionLog {
             .map_err(DecisionLogError::Thread)?;
         let logger = DecisionLogger {
             inner: Some(Arc::new(LoggerInner {
+                headers: (!config.headers.iter().any(|h| h == "*")).then(|| {
+                    config
+                        .headers
+                        .iter()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect()
+                }),
                 queue,
                 overflow: config.overflow,
                 block_timeout: config.block_timeout(),

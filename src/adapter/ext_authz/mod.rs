@@ -144,6 +144,8 @@ pub struct Decided<'a> {
     pub transport: &'a Caller,
     /// W3C trace context of the HTTP request.
     pub traceparent: Option<&'a str>,
+    /// The Cedar context built for the request, when it got that far.
+    pub context_json: Option<&'a str>,
 }
 
 impl ExtAuthzService {
@@ -225,12 +227,16 @@ impl ExtAuthzService {
                 .or_else(|| transport.tls_identity.clone()),
         };
         event.traceparent = decided.traceparent.map(str::to_owned);
+        // What the policies saw; redacted on the pipeline thread.
+        event.context_json = decided.context_json.unwrap_or_default().to_owned();
         // Secrets among them (authorization, cookies) are dropped by the
         // redactor before the record leaves the process.
+        // Only the headers `decision_log.headers` names are copied.
         event.headers = headers
             .map(|headers| {
                 headers
                     .iter()
+                    .filter(|(key, _)| self.log.logs_header(key))
                     .map(|(key, value)| (key.clone(), value.clone()))
                     .collect()
             })
@@ -284,7 +290,7 @@ impl ExtAuthzService {
             )
             .await;
         let (response, decision_id) = match &outcome {
-            Ok(Evaluated::Decision(decision, route_headers)) => {
+            Ok(Evaluated::Decision(decision, route_headers, _)) => {
                 self.metrics.record(decision);
                 let response = if decision.allowed {
                     self.allow(
@@ -317,7 +323,7 @@ impl ExtAuthzService {
             }
         };
         let (decision, mapping_error) = match &outcome {
-            Ok(Evaluated::Decision(decision, _)) => (Some(decision), None),
+            Ok(Evaluated::Decision(decision, _, _)) => (Some(decision), None),
             Ok(Evaluated::UnmatchedAllow) => (None, None),
             Err(Failure::Mapping(error)) => (None, Some(error)),
             Err(Failure::Engine(error)) => {
@@ -337,6 +343,10 @@ impl ExtAuthzService {
             source_principal,
             transport,
             traceparent,
+            context_json: match &outcome {
+                Ok(Evaluated::Decision(_, _, context)) => Some(context.as_str()),
+                _ => None,
+            },
         };
         self.decided(&decided, headers.as_deref()).await;
         response
@@ -458,7 +468,7 @@ impl ExtAuthzService {
                 Some((name.clone(), value))
             })
             .collect();
-        Ok(Evaluated::Decision(decision, route_headers))
+        Ok(Evaluated::Decision(decision, route_headers, context))
     }
 
     async fn principal(
@@ -665,7 +675,9 @@ impl ExtAuthzService {
 }
 
 enum Evaluated {
-    Decision(Decision, Vec<(String, String)>),
+    /// The decision, the route's response headers, and the Cedar context
+    /// the policies saw (for the decision log).
+    Decision(Decision, Vec<(String, String)>, String),
     UnmatchedAllow,
 }
 
