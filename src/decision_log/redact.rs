@@ -84,12 +84,11 @@ impl Redactor {
         if is_secret_key(name) {
             return None;
         }
-        let mut value = Value::String(value.to_owned());
-        strip_secrets(&mut value);
-        match value {
-            Value::String(text) => Some(text),
-            _ => None,
-        }
+        Some(if is_credential_value(value) {
+            "[redacted]".to_owned()
+        } else {
+            value.to_owned()
+        })
     }
 
     /// Redacts a whole record in place.
@@ -107,9 +106,27 @@ impl Redactor {
     }
 }
 
+/// `key`, case-insensitively and with `_` read as `-`, is in [`SECRET_KEYS`].
+/// Runs for every key of every record: compares in place, no allocation.
 fn is_secret_key(key: &str) -> bool {
-    let normalized = key.to_ascii_lowercase().replace('_', "-");
-    SECRET_KEYS.contains(&normalized.as_str())
+    SECRET_KEYS.iter().any(|secret| {
+        secret.len() == key.len()
+            && key.bytes().zip(secret.bytes()).all(|(k, s)| {
+                let k = k.to_ascii_lowercase();
+                (if k == b'_' { b'-' } else { k }) == s
+            })
+    })
+}
+
+/// A credential as a value: `Bearer …` or `Basic …`, any case.
+fn is_credential_value(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let starts = |prefix: &[u8]| {
+        bytes
+            .get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    };
+    starts(b"bearer ") || starts(b"basic ")
 }
 
 fn strip_secrets(value: &mut Value) {
@@ -120,12 +137,7 @@ fn strip_secrets(value: &mut Value) {
         }
         Value::Array(items) => items.iter_mut().for_each(strip_secrets),
         Value::String(text) => {
-            let lower: String = text
-                .chars()
-                .take(7)
-                .collect::<String>()
-                .to_ascii_lowercase();
-            if lower.starts_with("bearer ") || lower.starts_with("basic ") {
+            if is_credential_value(text) {
                 *text = "[redacted]".into();
             }
         }
