@@ -136,10 +136,8 @@ fn strip_secrets(value: &mut Value) {
             map.values_mut().for_each(strip_secrets);
         }
         Value::Array(items) => items.iter_mut().for_each(strip_secrets),
-        Value::String(text) => {
-            if is_credential_value(text) {
-                *text = "[redacted]".into();
-            }
+        Value::String(text) if is_credential_value(text) => {
+            *text = "[redacted]".into();
         }
         _ => {}
     }
