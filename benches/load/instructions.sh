@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Instructions per request, counted by valgrind's callgrind: deterministic
+# on a shared, noisy machine where req/s is not (the same binary and inputs
+# give the same counts whatever else runs). Complements the throughput
+# benchmarks in this directory; kernel time (syscalls, TCP) is not counted.
+#
+# One release server under callgrind, `deploy/arbiter/ext-authz.toml` with
+# the keys of `tests/fixtures/jwt/jwks-a.json` (decision log on, to stdout,
+# which is redirected to a file), answers N own-API Checks, then N
+# ext_authz Checks of the same decision (the bodies of `ext_authz.sh`);
+# counters are zeroed after a warm-up and dumped after each phase.
+#
+#   bash benches/load/instructions.sh
+#
+# Knobs (environment): N=4000 (requests per phase), CONFIG_EXTRA (a TOML
+# snippet appended to the config, e.g. '[decision_log]\nenabled = false').
+set -euo pipefail
+
+N=${N:-4000}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
+
+missing=()
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if ((${#missing[@]})); then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+cargo build --release --quiet --bin arbiter --example grpc_body --example ext_authz_body
+
+WORK=$(mktemp -d)
+VPID=
+cleanup() {
+  [[ -n $VPID ]] && kill "$VPID" 2>/dev/null && wait "$VPID" 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() {
+  local port
+  while :; do
+    port=$((30000 + RANDOM % 30000))
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
+  done
+}
+PORT=$(free_port)
+ADMIN=$(free_port)
+sed -e "s|^jwks_url = .*|jwks_file = \"$ROOT/tests/fixtures/jwt/jwks-a.json\"|" \
+  -e '/^listen_uds = /d' -e '/^uds_mode = /d' -e '/^listen = /d' \
+  deploy/arbiter/ext-authz.toml >"$WORK/arbiter.toml"
+[[ -n ${CONFIG_EXTRA:-} ]] && printf '\n%b\n' "$CONFIG_EXTRA" >>"$WORK/arbiter.toml"
+"$TARGET/examples/grpc_body" encode "$WORK/own.bin" >/dev/null
+"$TARGET/examples/ext_authz_body" encode "$WORK/ext.bin" tests/fixtures/jwt/rsa-1.pem >/dev/null
+
+while read -r name; do unset "$name"; done < <(compgen -e | grep '^ARBITER_' || true)
+valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
+  "$TARGET/arbiter" serve --config "$WORK/arbiter.toml" --listen "127.0.0.1:$PORT" \
+  --admin-listen "127.0.0.1:$ADMIN" >"$WORK/stdout.log" 2>"$WORK/stderr.log" &
+VPID=$!
+for _ in $(seq 600); do
+  curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN/ready" 2>/dev/null && break
+  sleep 0.2
+done
+curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN/ready" || { cat "$WORK/stderr.log" >&2; exit 2; }
+
+declare -A PER=()
+for api in own ext_authz; do
+  method=/arbiter.v1.Authorizer/Check body=$WORK/own.bin
+  [[ $api == ext_authz ]] && method=/envoy.service.auth.v3.Authorization/Check body=$WORK/ext.bin
+  load() {
+    h2load -n "$1" -c 4 -m 8 -d "$body" -H 'content-type: application/grpc' -H 'te: trailers' \
+      "http://127.0.0.1:$PORT$method"
+  }
+  load 200 >/dev/null
+  sleep 1
+  callgrind_control -z "$VPID" >/dev/null
+  out=$(load "$N")
+  succeeded=$(awk '/^requests:/ { print $8 }' <<<"$out")
+  [[ $succeeded == "$N" ]] || { echo "$out" >&2; echo "error: $api: $succeeded of $N succeeded" >&2; exit 2; }
+  sleep 1
+  callgrind_control -d "$api" "$VPID" >/dev/null
+  dump=$(ls -t "$WORK"/cg.out.* | head -1)
+  total=$(awk '/^summary:/ { print $2 }' "$dump")
+  PER[$api]=$((total / N))
+  printf '%-10s %12d instructions for %d Checks: %8d per Check\n' "$api" "$total" "$N" "${PER[$api]}"
+done
+awk -v a="${PER[own]}" -v b="${PER[ext_authz]}" \
+  'BEGIN { printf "ext_authz / own-API instructions per Check: %.3f (own-API/ext_authz %.3f)\n", b / a, a / b }'
