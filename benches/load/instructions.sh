@@ -13,7 +13,8 @@
 #   bash benches/load/instructions.sh
 #
 # Knobs (environment): N=4000 (requests per phase), CONFIG_EXTRA (a TOML
-# snippet appended to the config, e.g. '[decision_log]\nenabled = false').
+# snippet appended to the config, e.g. '[decision_log]\nenabled = false'),
+# KEEP=DIR (copy the callgrind dumps there, for callgrind_annotate).
 set -euo pipefail
 
 N=${N:-4000}
@@ -76,15 +77,16 @@ for api in own ext_authz; do
   }
   load 200 >/dev/null
   sleep 1
-  callgrind_control -z "$VPID" >/dev/null
+  callgrind_control -z "$VPID" >/dev/null 2>&1
   out=$(load "$N")
   succeeded=$(awk '/^requests:/ { print $8 }' <<<"$out")
   [[ $succeeded == "$N" ]] || { echo "$out" >&2; echo "error: $api: $succeeded of $N succeeded" >&2; exit 2; }
   sleep 1
-  callgrind_control -d "$api" "$VPID" >/dev/null
+  callgrind_control -d "$api" "$VPID" >/dev/null 2>&1
   dump=$(ls -t "$WORK"/cg.out.* | head -1)
   total=$(awk '/^summary:/ { print $2 }' "$dump")
   PER[$api]=$((total / N))
+  [[ -n ${KEEP:-} ]] && mkdir -p "$KEEP" && cp "$dump" "$KEEP/callgrind.$api.out"
   printf '%-10s %12d instructions for %d Checks: %8d per Check\n' "$api" "$total" "$N" "${PER[$api]}"
 done
 awk -v a="${PER[own]}" -v b="${PER[ext_authz]}" \

@@ -196,6 +196,16 @@ fn push_json_str(out: &mut Vec<u8>, text: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let bytes = text.as_bytes();
+    // Most strings need no escape: one branch-free pass (vectorised) and
+    // one copy, instead of a branch per byte.
+    let needs_escape = bytes.iter().fold(false, |any, &byte| {
+        any | (byte < 0x20) | (byte == b'"') | (byte == b'\\')
+    });
+    if !needs_escape {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (index, &byte) in bytes.iter().enumerate() {
         let short: &[u8] = match byte {
@@ -233,6 +243,26 @@ fn push_uid(out: &mut Vec<u8>, uid: Option<&Uid>) {
             push_json_str(out, &uid.id);
             out.push(b'}');
         }
+    }
+}
+
+/// `address` as `Display` writes it; IPv4 (the common case) without the
+/// formatting machinery, which cost ~1,500 instructions per record.
+fn socket_address(address: SocketAddr) -> String {
+    match address {
+        SocketAddr::V4(v4) => {
+            let mut out = Vec::with_capacity(21);
+            for (index, octet) in v4.ip().octets().into_iter().enumerate() {
+                if index > 0 {
+                    out.push(b'.');
+                }
+                push_u64(&mut out, u64::from(octet));
+            }
+            out.push(b':');
+            push_u64(&mut out, u64::from(v4.port()));
+            String::from_utf8(out).unwrap_or_default()
+        }
+        SocketAddr::V6(_) => address.to_string(),
     }
 }
 
@@ -377,7 +407,7 @@ fn write_record(event: &DecisionEvent, context: &Value, headers: &[(String, Stri
         push_json_str(out, value);
     };
     if let Some(address) = event.caller.peer_address {
-        field(&mut out, b"\"peer_address\":", &address.to_string());
+        field(&mut out, b"\"peer_address\":", &socket_address(address));
     }
     if let Some(identity) = &event.caller.tls_identity {
         field(&mut out, b"\"tls_identity\":", identity);
@@ -538,6 +568,14 @@ mod tests {
             decision.allowed = true;
             decision.cached = true;
             decision.elapsed = Duration::ZERO;
+        }
+    }
+
+    #[test]
+    fn socket_addresses_are_written_as_display_writes_them() {
+        for text in ["127.0.0.1:0", "10.255.0.9:65535", "0.0.0.0:80", "[::1]:8080"] {
+            let address: SocketAddr = text.parse().unwrap();
+            assert_eq!(socket_address(address), address.to_string());
         }
     }
 
