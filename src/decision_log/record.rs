@@ -573,7 +573,12 @@ mod tests {
 
     #[test]
     fn socket_addresses_are_written_as_display_writes_them() {
-        for text in ["127.0.0.1:0", "10.255.0.9:65535", "0.0.0.0:80", "[::1]:8080"] {
+        for text in [
+            "127.0.0.1:0",
+            "10.255.0.9:65535",
+            "0.0.0.0:80",
+            "[::1]:8080",
+        ] {
             let address: SocketAddr = text.parse().unwrap();
             assert_eq!(socket_address(address), address.to_string());
         }

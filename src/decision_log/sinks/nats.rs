@@ -98,15 +98,21 @@ impl NatsSink {
         }
         // The server refuses a message over its `max_payload`; leave room
         // for the headers.
-        let max_bytes = match self.client.server_info().max_payload {
-            0 => self.max_message_bytes,
-            limit => self.max_message_bytes.min(limit.saturating_sub(4096)),
-        }
-        .max(1);
+        // The server refuses a message over its `max_payload`; leave room
+        // for the headers.
+        let limit = match self.client.server_info().max_payload {
+            0 => usize::MAX,
+            max_payload => max_payload.saturating_sub(4096).max(1024),
+        };
+        let max_bytes = self.max_message_bytes.min(limit).max(1);
         let mut acks = Vec::new();
         let mut rest = frames;
         while !rest.is_empty() {
-            let (message, count) = pack(rest, self.records_per_message, max_bytes);
+            let (id, payload, count) = pack(rest, self.records_per_message, max_bytes, limit);
+            let message = jetstream::message::PublishMessage::build()
+                .message_id(id)
+                .header("Arbiter-Records", count.to_string().as_str())
+                .payload(payload);
             let ack = self
                 .context
                 .send_publish(self.subject.clone(), message)
@@ -128,14 +134,17 @@ impl NatsSink {
     }
 }
 
-/// The next message: the first `count` frames, at least one, as JSON lines.
-/// A single record larger than `max_bytes` still goes alone (the server
-/// refuses it if it is over its own limit, and the driver retries).
+/// The next message's id and payload: the first `count` frames, at least
+/// one, as JSON lines.
+/// A single record larger than `max_bytes` goes alone; one larger than
+/// `limit` (what the server accepts) goes [`shrink`]ed, so that one huge
+/// record can never stall the sink.
 fn pack(
     frames: &[Frame],
     records_per_message: usize,
     max_bytes: usize,
-) -> (jetstream::message::PublishMessage, usize) {
+    limit: usize,
+) -> (String, bytes::Bytes, usize) {
     let mut count = 0;
     let mut bytes = 0;
     for frame in frames.iter().take(records_per_message) {
@@ -152,13 +161,16 @@ fn pack(
         _ => ("", ""),
     };
     let (id, payload) = if count == 1 {
-        (
-            first.to_owned(),
-            packed
-                .first()
-                .map(|f| f.payload.clone())
-                .unwrap_or_default(),
-        )
+        let payload = packed
+            .first()
+            .map(|f| f.payload.clone())
+            .unwrap_or_default();
+        let payload = if payload.len() > limit {
+            shrink(first, &payload, limit)
+        } else {
+            payload
+        };
+        (first.to_owned(), payload)
     } else {
         let mut payload = bytes::BytesMut::with_capacity(bytes);
         for frame in packed {
@@ -167,11 +179,46 @@ fn pack(
         }
         (format!("{first}..{last}"), payload.freeze())
     };
-    let message = jetstream::message::PublishMessage::build()
-        .message_id(id)
-        .header("Arbiter-Records", count.to_string().as_str())
-        .payload(payload);
-    (message, count)
+    (id, payload, count)
+}
+
+/// A record too large for the server, cut to what an audit trail needs: it
+/// loses `context`, `headers` (and if still too large everything but its
+/// identity and outcome) and says so with `"truncated": true` and
+/// `"original_bytes"`.
+fn shrink(decision_id: &str, payload: &[u8], limit: usize) -> bytes::Bytes {
+    use serde_json::{Value, json};
+    let mut record = match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    tracing::warn!(
+        decision_id,
+        bytes = payload.len(),
+        limit,
+        "decision record larger than the NATS server accepts; sent truncated"
+    );
+    record.remove("context");
+    record.remove("headers");
+    record.insert("truncated".into(), Value::Bool(true));
+    record.insert("original_bytes".into(), json!(payload.len()));
+    let mut text = serde_json::to_vec(&record).unwrap_or_default();
+    if text.len() > limit {
+        let keep = [
+            "decision_id",
+            "timestamp",
+            "transport",
+            "decision",
+            "policy_revision",
+            "data_revision",
+            "truncated",
+            "original_bytes",
+        ];
+        record.retain(|key, _| keep.contains(&key.as_str()));
+        record.insert("decision_id".into(), json!(decision_id));
+        text = serde_json::to_vec(&record).unwrap_or_default();
+    }
+    bytes::Bytes::from(text)
 }
 
 #[cfg(test)]
@@ -191,11 +238,56 @@ mod tests {
     #[test]
     fn packs_up_to_the_record_and_byte_limits() {
         let batch = frames(10, 99);
-        assert_eq!(pack(&batch, 4, 1 << 20).1, 4);
+        assert_eq!(pack(&batch, 4, 1 << 20, 1 << 20).2, 4);
         // 100 bytes a line: three fit in 350.
-        assert_eq!(pack(&batch, 100, 350).1, 3);
-        // A record over the byte limit still goes, alone.
-        assert_eq!(pack(&batch, 100, 10).1, 1);
-        assert_eq!(pack(&batch, 1, 1 << 20).1, 1);
+        let (id, payload, count) = pack(&batch, 100, 350, 1 << 20);
+        assert_eq!((id.as_str(), count, payload.len()), ("d0..d2", 3, 300));
+        // A record over the byte limit still goes, alone, whole.
+        let (id, payload, count) = pack(&batch, 100, 10, 1 << 20);
+        assert_eq!((id.as_str(), count, payload.len()), ("d0", 1, 99));
+        assert_eq!(pack(&batch, 1, 1 << 20, 1 << 20).2, 1);
+    }
+
+    #[test]
+    fn a_record_over_the_server_limit_is_sent_truncated_not_retried_forever() {
+        let huge = serde_json::json!({
+            "decision_id": "d0",
+            "decision": "deny",
+            "principal": {"type": "User", "id": "u"},
+            "context": {"blob": "x".repeat(10_000)},
+        });
+        let text = serde_json::to_vec(&huge).unwrap();
+        let shrunk: serde_json::Value = serde_json::from_slice(&shrink("d0", &text, 1000)).unwrap();
+        assert_eq!(
+            shrunk,
+            serde_json::json!({
+                "decision_id": "d0",
+                "decision": "deny",
+                "principal": {"type": "User", "id": "u"},
+                "truncated": true,
+                "original_bytes": text.len(),
+            })
+        );
+        // Too large even without its context: identity and outcome remain.
+        let shrunk: serde_json::Value = serde_json::from_slice(&shrink("d0", &text, 10)).unwrap();
+        assert_eq!(shrunk["decision_id"], "d0");
+        assert_eq!(shrunk["decision"], "deny");
+        assert!(shrunk.get("principal").is_none());
+        // Not JSON at all: still a record of the decision.
+        let shrunk: serde_json::Value =
+            serde_json::from_slice(&shrink("d0", b"garbage", 10)).unwrap();
+        assert_eq!(shrunk["decision_id"], "d0");
+        assert_eq!(shrunk["truncated"], true);
+        // `pack` applies it to a lone record over the limit.
+        let batch = vec![Frame {
+            seq: 0,
+            id: "d0".into(),
+            payload: bytes::Bytes::from(text.clone()),
+        }];
+        let (id, payload, count) = pack(&batch, 128, 1000, 1000);
+        assert_eq!((id.as_str(), count), ("d0", 1));
+        assert!(payload.len() <= 1000, "{}", payload.len());
+        let sent: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(sent["truncated"], true);
     }
 }
