@@ -285,16 +285,27 @@ fn push_u64(out: &mut Vec<u8>, mut value: u64) {
 /// The redacted JSON line of `event` (no trailing newline).
 pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
     let decision = &event.decision;
-    let context = if event.context_json.trim().is_empty() {
+    let fast = redactor.context_only();
+    // The common case: nothing to redact in the context, written as sent.
+    let clean_context = if fast && !redactor.has_context_rules() {
+        match event.context_json.trim() {
+            "" => Some(b"{}".to_vec()),
+            text => super::redact::clean_json_line(text),
+        }
+    } else {
+        None
+    };
+    let context = if clean_context.is_some() {
+        Value::Null
+    } else if event.context_json.trim().is_empty() {
         Value::Object(serde_json::Map::new())
     } else {
         // A context the engine rejected is never logged raw: it may hold anything.
         serde_json::from_str(&event.context_json)
             .unwrap_or_else(|_| Value::String("[unparsable context]".into()))
     };
-    let fast = redactor.context_only();
     let mut context = context;
-    if fast {
+    if fast && clean_context.is_none() {
         redactor.apply_context(&mut context);
     }
     let mut headers: Vec<(String, String)> = event
@@ -314,7 +325,7 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
     headers.sort_by(|a, b| a.0.cmp(&b.0));
     headers.dedup_by(|a, b| a.0 == b.0);
     if fast {
-        return write_record(event, &context, &headers);
+        return write_record(event, clean_context.as_deref(), &context, &headers);
     }
     let record = RecordJson {
         decision_id: &decision.decision_id,
@@ -355,7 +366,12 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
 /// it, written directly: with `serde_json` the encoding was ~17,000
 /// instructions per record, most of the pipeline thread's work (measured
 /// with callgrind, ARCHITECTURE.md).
-fn write_record(event: &DecisionEvent, context: &Value, headers: &[(String, String)]) -> Vec<u8> {
+fn write_record(
+    event: &DecisionEvent,
+    clean_context: Option<&[u8]>,
+    context: &Value,
+    headers: &[(String, String)],
+) -> Vec<u8> {
     let decision = &event.decision;
     let mut out = Vec::with_capacity(768);
     out.extend_from_slice(b"{\"decision_id\":");
@@ -430,8 +446,13 @@ fn write_record(event: &DecisionEvent, context: &Value, headers: &[(String, Stri
     } else {
         b",\"cached\":false,\"context\":"
     });
-    if serde_json::to_writer(&mut out, context).is_err() {
-        out.extend_from_slice(b"{}");
+    match clean_context {
+        Some(text) => out.extend_from_slice(text),
+        None => {
+            if serde_json::to_writer(&mut out, context).is_err() {
+                out.extend_from_slice(b"{}");
+            }
+        }
     }
     if !headers.is_empty() {
         out.extend_from_slice(b",\"headers\":{");
@@ -560,11 +581,19 @@ mod tests {
             // No rules: the direct writer; a rule outside the context: serde_json.
             let direct = encode(&event, &Redactor::new(&[], &[], ""));
             let serde = encode(&event, &Redactor::new(&["caller.nothing".into()], &[], ""));
-            assert_eq!(
+            let (direct, serde) = (
                 String::from_utf8(direct).unwrap(),
                 String::from_utf8(serde).unwrap(),
-                "round {round}"
             );
+            assert!(!direct.contains('\n'), "{direct}");
+            if event.context_json.is_empty() {
+                assert_eq!(direct, serde, "round {round}");
+            } else {
+                // A clean context is written as sent (compacted), which
+                // serde_json may spell differently (`2.50` as `2.5`).
+                let parse = |text: &str| serde_json::from_str::<Value>(text).unwrap();
+                assert_eq!(parse(&direct), parse(&serde), "round {round}");
+            }
             decision.allowed = true;
             decision.cached = true;
             decision.elapsed = Duration::ZERO;
@@ -582,6 +611,48 @@ mod tests {
             let address: SocketAddr = text.parse().unwrap();
             assert_eq!(socket_address(address), address.to_string());
         }
+    }
+
+    #[test]
+    fn contexts_with_secrets_anywhere_are_redacted_and_clean_ones_kept() {
+        let decision = Decision {
+            allowed: true,
+            reasons: Vec::new(),
+            errors: Vec::new(),
+            decision_id: "d".into(),
+            policy_revision: "r".into(),
+            data_revision: "d".into(),
+            elapsed: Duration::ZERO,
+            cached: false,
+        };
+        let cases = [
+            (
+                r#"{"ok": {"deep": [1, "x y"]}}"#,
+                r#"{"ok":{"deep":[1,"x y"]}}"#,
+            ),
+            (r#"{"a": {"b": [{"X_Api_Key": 1}]}}"#, r#"{"a":{"b":[{}]}}"#),
+            // An escaped key is still a secret's name.
+            (r#"{"password": 1, "n": 2}"#, r#"{"n":2}"#),
+            (r#"{"t": ["bEaReR abc"]}"#, r#"{"t":["[redacted]"]}"#),
+            (
+                r#"{"q": "say \"hi\"  there"}"#,
+                r#"{"q":"say \"hi\"  there"}"#,
+            ),
+            ("not json", r#""[unparsable context]""#),
+            (r#"{"a": 1} trailing"#, r#""[unparsable context]""#),
+        ];
+        for (context, expected) in cases {
+            let mut event = DecisionEvent::new(Transport::Grpc, decision.clone());
+            event.context_json = context.into();
+            let record: Value =
+                serde_json::from_slice(&encode(&event, &Redactor::new(&[], &[], ""))).unwrap();
+            let expected: Value = serde_json::from_str(expected).unwrap();
+            assert_eq!(record["context"], expected, "{context}");
+        }
+        assert_eq!(
+            super::super::redact::clean_json_line("{\"q\": \"a b\\\" c\",\n \"n\": [ 1 ]}"),
+            Some(br#"{"q":"a b\" c","n":[1]}"#.to_vec())
+        );
     }
 
     #[test]
