@@ -619,3 +619,82 @@ async fn example_schema_and_action_groups_over_synced_data() {
     server.stop().await.unwrap();
     db.drop().await;
 }
+
+/// The identity part of `/ready`.
+async fn identity_status(server: &TestServer) -> serde_json::Value {
+    let (_, body) = server.admin_get("/ready").await;
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    ready["identity"].clone()
+}
+
+/// Lag in positions: while the sync is held up between seeing the newest
+/// change-log position and applying it, `/ready` and `/metrics` show how
+/// many positions the served data is behind; once applied, zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_in_positions_while_the_sync_is_held_up() {
+    let db = TestDb::create(SEED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir, identity(&db.name)).await;
+    let status = identity_status(&server).await;
+    let applied = status["applied_position"].as_u64().unwrap();
+    assert!(applied > 0, "{status}");
+    assert_eq!(status["lag_positions"], 0, "{status}");
+
+    // Another session locks `users`: the sync can read the change log but
+    // not the mapping view, so it stops between the two.
+    let blocker = connect(&db.name).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // Three changes that do not touch `users` themselves.
+    let rev = db
+        .write(
+            "INSERT INTO roles VALUES ('r1', 'acme', 'r1', NULL), ('r2', 'acme', 'r2', NULL), \
+             ('r3', 'acme', 'r3', NULL)",
+        )
+        .await;
+    let newest: u64 = rev.parse().unwrap();
+    assert_eq!(newest, applied + 3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = identity_status(&server).await;
+        if status["lag_positions"] == 3 {
+            assert_eq!(status["source_position"], newest, "{status}");
+            assert_eq!(status["applied_position"], applied, "{status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lag never reported: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, metrics) = server.admin_get("/metrics").await;
+    for needle in [
+        "arbiter_identity_lag_positions{source=\"postgres\"}",
+        "arbiter_identity_source_position{source=\"postgres\"}",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
+    }
+
+    // The lock goes: the changes are applied and the lag is gone.
+    blocker.batch_execute("COMMIT").await.unwrap();
+    assert!(allowed(&server, "bob", "read", &rev).await);
+    // The status follows the engine's swap by a few instructions.
+    loop {
+        let status = identity_status(&server).await;
+        if status["lag_positions"] == 0 {
+            assert_eq!(status["applied_position"], newest, "{status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline + Duration::from_secs(10),
+            "lag never cleared: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(blocker);
+    server.stop().await.unwrap();
+    db.drop().await;
+}
