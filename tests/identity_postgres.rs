@@ -698,3 +698,61 @@ async fn lag_in_positions_while_the_sync_is_held_up() {
     server.stop().await.unwrap();
     db.drop().await;
 }
+
+/// With the slice cache on (the default): prepared slices of 10,000
+/// members of one group, then the group's membership changes, and then
+/// the group moves out of `eng`; every sampled member's decision follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slice_cache_follows_a_group_of_10k_members() {
+    let db = TestDb::create(SEED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir, identity(&db.name)).await;
+    let rev = db
+        .write(
+            "INSERT INTO groups VALUES ('big', 'acme', 'Big', 'eng'); \
+             INSERT INTO users SELECT 'm' || n, 'acme', 'm@acme.test', 'active', '{}' \
+               FROM generate_series(1, 10000) AS n; \
+             INSERT INTO memberships SELECT 'm' || n, 'big' FROM generate_series(1, 10000) AS n;",
+        )
+        .await;
+    let sample: Vec<String> = (1..=10_000).step_by(97).map(|n| format!("m{n}")).collect();
+    for member in &sample {
+        assert!(allowed(&server, member, "read", &rev).await, "{member}");
+    }
+    // Another data publish empties the decision cache, not the slices.
+    let rev = db
+        .write("UPDATE users SET email = 'x@acme.test' WHERE id = 'ann'")
+        .await;
+    for member in &sample {
+        assert!(allowed(&server, member, "read", &rev).await, "{member}");
+    }
+    let (_, metrics) = server.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("arbiter_slice_cache_hits_total"),
+        "{metrics}"
+    );
+
+    // The group moves out of eng: one change, every member's slice.
+    let rev = db
+        .write("UPDATE groups SET parent_id = NULL WHERE id = 'big'")
+        .await;
+    for member in &sample {
+        assert!(!allowed(&server, member, "read", &rev).await, "{member}");
+    }
+    // Back in, then all 10,000 memberships go in one transaction.
+    let rev = db
+        .write("UPDATE groups SET parent_id = 'eng' WHERE id = 'big'")
+        .await;
+    for member in &sample {
+        assert!(allowed(&server, member, "read", &rev).await, "{member}");
+    }
+    let rev = db
+        .write("DELETE FROM memberships WHERE group_id = 'big'")
+        .await;
+    for member in &sample {
+        assert!(!allowed(&server, member, "read", &rev).await, "{member}");
+    }
+    assert!(allowed(&server, "bob", "read", &rev).await);
+    server.stop().await.unwrap();
+    db.drop().await;
+}

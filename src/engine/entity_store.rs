@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cedar_policy::{Entities, Entity, EntityUid};
 
@@ -31,7 +32,21 @@ pub struct StoredEntity {
     pub parents: Box<[EntityUid]>,
     /// Entities named by attributes and tags.
     pub references: Box<[EntityUid]>,
+    /// Set when the entity is stored: unique in the process, so two stored
+    /// entities with the same stamp are the same value (see [`Stamp`]).
+    stamp: Stamp,
 }
+
+/// Identifies one stored version of an entity: every [`EntityStore::upsert`]
+/// draws a new one from a process-wide counter. [`ABSENT`] stands for "no
+/// such entity". A prepared slice records the stamps of every uid it looked
+/// up, and is still exact for a store where those uids have the same stamps.
+pub type Stamp = u64;
+
+/// The stamp of a uid that is not stored.
+pub const ABSENT: Stamp = 0;
+
+static NEXT_STAMP: AtomicU64 = AtomicU64::new(1);
 
 impl StoredEntity {
     /// `parents` must be the entity's direct parents.
@@ -42,6 +57,7 @@ impl StoredEntity {
             entity,
             parents: parents.into_boxed_slice(),
             references: references.into_boxed_slice(),
+            stamp: ABSENT,
         }
     }
 
@@ -132,8 +148,15 @@ impl EntityStore {
                 });
             }
         }
-        self.entities.insert(Arc::new(uid), Arc::new(stored));
+        let stamp = NEXT_STAMP.fetch_add(1, Ordering::Relaxed);
+        self.entities
+            .insert(Arc::new(uid), Arc::new(StoredEntity { stamp, ..stored }));
         Ok(())
+    }
+
+    /// The stamp of the stored version of `uid`, [`ABSENT`] when not stored.
+    pub fn stamp(&self, uid: &EntityUid) -> Stamp {
+        self.entities.get(uid).map_or(ABSENT, |stored| stored.stamp)
     }
 
     /// Removes an entity; its children keep the edge to it (a dangling edge
@@ -277,6 +300,48 @@ impl EntityStore {
             seen.insert(uid);
         }
         slice
+    }
+}
+
+impl EntityStore {
+    /// Like [`EntityStore::slice_with_overlay`] without an overlay, also
+    /// recording every uid looked up (found or not) with its stamp: the
+    /// slice is a function of exactly those entries, so it is still the
+    /// slice of any store where they carry the same stamps.
+    pub fn slice_recording(
+        &self,
+        roots: impl IntoIterator<Item = EntityUid>,
+        looked_up: &mut Vec<(EntityUid, Stamp)>,
+    ) -> Vec<Entity> {
+        let mut seen: HashSet<EntityUid> = HashSet::new();
+        let mut pending: Vec<EntityUid> = roots.into_iter().collect();
+        let mut slice = Vec::new();
+        while let Some(uid) = pending.pop() {
+            if seen.contains(&uid) {
+                continue;
+            }
+            match self.entities.get(&uid) {
+                Some(stored) => {
+                    for next in stored.parents.iter().chain(stored.references.iter()) {
+                        if !seen.contains(next) {
+                            pending.push(next.clone());
+                        }
+                    }
+                    slice.push(stored.entity.clone());
+                    looked_up.push((uid.clone(), stored.stamp));
+                }
+                None => looked_up.push((uid.clone(), ABSENT)),
+            }
+            seen.insert(uid);
+        }
+        slice
+    }
+
+    /// True when every recorded uid still has the recorded stamp here.
+    pub fn unchanged(&self, looked_up: &[(EntityUid, Stamp)]) -> bool {
+        looked_up
+            .iter()
+            .all(|(uid, stamp)| self.stamp(uid) == *stamp)
     }
 }
 
