@@ -503,8 +503,9 @@ async fn reconciliation_repairs_and_reports_drift() {
 }
 
 /// Measurement, not a timed test: from COMMIT to the first decision that
-/// reflects it (NOTIFY-driven), and a membership change of a group with
-/// 10,000 members. Prints the figures; asserts only correctness.
+/// reflects it (NOTIFY-driven; `ARBITER_LATENCY_SAMPLES` writes, 500 by
+/// default, each way), and a membership change of a group with 10,000
+/// members. Prints the figures; asserts only correctness.
 /// `cargo test --release --test identity_postgres -- --ignored --nocapture latency`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement; run with --ignored --nocapture"]
@@ -526,29 +527,58 @@ async fn latency_commit_to_decision() {
             == Decision::Allow as i32
     };
 
-    let mut samples = Vec::new();
-    for i in 0..100 {
-        let expected = i % 2 == 0;
-        let sql = if expected {
-            "INSERT INTO memberships VALUES ('ann', 'eng')"
+    // Two ways to see a write: asking until the answer changes (a client
+    // that polls), and one check with `min_data_revision` (read your
+    // writes: the server answers as soon as sync has applied it).
+    let count: usize = std::env::var("ARBITER_LATENCY_SAMPLES")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(500);
+    let toggle = |i: usize| {
+        if i % 2 == 0 {
+            (true, "INSERT INTO memberships VALUES ('ann', 'eng')")
         } else {
-            "DELETE FROM memberships WHERE user_id = 'ann'"
-        };
+            (false, "DELETE FROM memberships WHERE user_id = 'ann'")
+        }
+    };
+    let mut polled = Vec::new();
+    for i in 0..count {
+        let (expected, sql) = toggle(i);
         db.client.batch_execute(sql).await.unwrap();
         let committed = std::time::Instant::now();
         while ask("ann").await != expected {
             assert!(committed.elapsed() < Duration::from_secs(10));
         }
-        samples.push(committed.elapsed());
+        polled.push(committed.elapsed());
     }
-    samples.sort();
-    println!(
-        "COMMIT -> decision: p50 {:?}, p99 {:?}, max {:?} ({} samples)",
-        samples[samples.len() / 2],
-        samples[samples.len() * 99 / 100],
-        samples[samples.len() - 1],
-        samples.len()
-    );
+    let mut waited = Vec::new();
+    let mut wait_client = server.client().await;
+    for i in 0..count {
+        let (expected, sql) = toggle(i);
+        let rev = db.write(sql).await;
+        let committed = std::time::Instant::now();
+        let response = wait_client
+            .check(request("ann", "read", ("Saas::Document", "d"), &rev))
+            .await
+            .unwrap()
+            .into_inner();
+        waited.push(committed.elapsed());
+        assert_eq!(response.decision == Decision::Allow as i32, expected);
+    }
+    for (name, mut samples) in [
+        ("asking until it changes", polled),
+        ("one check with min_data_revision", waited),
+    ] {
+        samples.sort();
+        println!(
+            "COMMIT -> decision ({name}): p50 {:?}, p99 {:?}, max {:?}, slowest 5 {:?} ({} samples)",
+            samples[samples.len() / 2],
+            samples[samples.len() * 99 / 100],
+            samples[samples.len() - 1],
+            &samples[samples.len() - 5..],
+            samples.len()
+        );
+    }
 
     // A group of 10,000 members moved out of eng: every member's decision
     // changes with one change-log row.
