@@ -133,6 +133,17 @@ impl EntityStore {
     /// is not stored or when a parent is the entity itself or one of its
     /// descendants.
     pub fn upsert(&mut self, stored: StoredEntity) -> Result<(), StoreError> {
+        self.upsert_reusing(stored, None)
+    }
+
+    /// [`EntityStore::upsert`], keeping `previous`'s version (and so its
+    /// stamp) when it is equal: a full listing that changes nothing then
+    /// leaves every prepared slice valid.
+    fn upsert_reusing(
+        &mut self,
+        stored: StoredEntity,
+        previous: Option<&EntityStore>,
+    ) -> Result<(), StoreError> {
         let uid = stored.uid();
         for parent in stored.parents.iter() {
             if !self.entities.contains_key(parent) {
@@ -148,9 +159,17 @@ impl EntityStore {
                 });
             }
         }
-        let stamp = NEXT_STAMP.fetch_add(1, Ordering::Relaxed);
-        self.entities
-            .insert(Arc::new(uid), Arc::new(StoredEntity { stamp, ..stored }));
+        let kept = previous
+            .and_then(|previous| previous.entities.get(&uid))
+            .filter(|old| old.entity == stored.entity && old.parents == stored.parents)
+            .cloned();
+        let value = kept.unwrap_or_else(|| {
+            Arc::new(StoredEntity {
+                stamp: NEXT_STAMP.fetch_add(1, Ordering::Relaxed),
+                ..stored
+            })
+        });
+        self.entities.insert(Arc::new(uid), value);
         Ok(())
     }
 
@@ -191,6 +210,15 @@ impl EntityStore {
     pub fn from_entities(
         entities: impl IntoIterator<Item = StoredEntity>,
     ) -> (EntityStore, Vec<StoreError>) {
+        Self::from_entities_reusing(entities, None)
+    }
+
+    /// [`EntityStore::from_entities`] for a reconciliation: entities equal
+    /// to their version in `previous` keep it (and its stamp).
+    pub fn from_entities_reusing(
+        entities: impl IntoIterator<Item = StoredEntity>,
+        previous: Option<&EntityStore>,
+    ) -> (EntityStore, Vec<StoreError>) {
         let mut rows: HashMap<EntityUid, StoredEntity> = HashMap::new();
         for entity in entities {
             rows.insert(entity.uid(), entity);
@@ -229,7 +257,7 @@ impl EntityStore {
             let Some(entity) = rows.remove(&uid) else {
                 continue;
             };
-            if store.upsert(entity).is_err() {
+            if store.upsert_reusing(entity, previous).is_err() {
                 continue;
             }
             for child in children.remove(&uid).unwrap_or_default() {

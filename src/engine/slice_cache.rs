@@ -139,6 +139,31 @@ mod tests {
     }
 
     #[test]
+    fn a_full_listing_keeps_the_slices_of_what_it_did_not_change() {
+        let listing = |ann_parents: &[&str]| {
+            [
+                entity(r#"G::"a""#, &[]),
+                entity(r#"G::"b""#, &[]),
+                entity(r#"U::"ann""#, ann_parents),
+                entity(r#"U::"bob""#, &[r#"G::"b""#]),
+            ]
+        };
+        let (store, _) = EntityStore::from_entities(listing(&[r#"G::"a""#]));
+        let cache = SliceCache::new(1000).unwrap();
+        let (ann, bob) = ([uid(r#"U::"ann""#)], [uid(r#"U::"bob""#)]);
+        prepare(&cache, &store, &ann);
+        prepare(&cache, &store, &bob);
+        // Reconciliation: ann moved from a to b, bob unchanged.
+        let (relisted, _) =
+            EntityStore::from_entities_reusing(listing(&[r#"G::"b""#]), Some(&store));
+        assert!(cache.get(&ann, &relisted).is_none());
+        assert!(cache.get(&bob, &relisted).is_some());
+        // Without reuse, everything is new.
+        let (fresh, _) = EntityStore::from_entities(listing(&[r#"G::"b""#]));
+        assert!(cache.get(&bob, &fresh).is_none());
+    }
+
+    #[test]
     fn an_older_store_never_gets_a_newer_slice_nor_the_reverse() {
         let (old, _) = EntityStore::from_entities([
             entity(r#"G::"a""#, &[]),

@@ -319,7 +319,10 @@ impl Applier {
                 Err(error) => self.reject_row(&uid, &error),
             }
         }
-        let (store, refused) = EntityStore::from_entities(good);
+        // Unchanged entities keep their stored version, so prepared slices
+        // of them stay valid across a reconciliation.
+        let previous = self.position.is_some().then_some(&self.store);
+        let (store, refused) = EntityStore::from_entities_reusing(good, previous);
         for error in &refused {
             self.reject_store(error);
         }
