@@ -535,7 +535,7 @@ async fn latency_commit_to_decision() {
         .and_then(|text| text.parse().ok())
         .unwrap_or(500);
     let toggle = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             (true, "INSERT INTO memberships VALUES ('ann', 'eng')")
         } else {
             (false, "DELETE FROM memberships WHERE user_id = 'ann'")
