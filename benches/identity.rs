@@ -192,6 +192,18 @@ fn identity(c: &mut Criterion) {
         for id in &ids {
             decide(&engine, id);
         }
+        if capacity > 0 {
+            // Memory of prepared slices: 10,000 more principals.
+            let more = 10_000.min(large / 2);
+            let before = resident_bytes();
+            for n in 0..more {
+                decide(&engine, &format!("u{}", large - 1 - n));
+            }
+            eprintln!(
+                "identity bench: {more} more prepared slices, resident {:.0} bytes per slice",
+                resident_bytes().saturating_sub(before) as f64 / more as f64
+            );
+        }
         let mut i = 0usize;
         slices.bench_function(BenchmarkId::new(label, large), |b| {
             b.iter(|| {
