@@ -28,8 +28,9 @@ use super::snapshot::entity_references;
 #[derive(Debug, Clone)]
 pub struct StoredEntity {
     pub entity: Entity,
-    /// Direct parents.
-    pub parents: Box<[EntityUid]>,
+    /// Direct parents. Once stored, each is the store's own key of that
+    /// parent (shared, not a copy: 8 bytes an edge instead of a uid).
+    pub parents: Box<[Arc<EntityUid>]>,
     /// Entities named by attributes and tags.
     pub references: Box<[EntityUid]>,
     /// Set when the entity is stored: unique in the process, so two stored
@@ -55,7 +56,7 @@ impl StoredEntity {
         entity_references(&entity, &mut references);
         StoredEntity {
             entity,
-            parents: parents.into_boxed_slice(),
+            parents: parents.into_iter().map(Arc::new).collect(),
             references: references.into_boxed_slice(),
             stamp: ABSENT,
         }
@@ -63,6 +64,11 @@ impl StoredEntity {
 
     pub fn uid(&self) -> EntityUid {
         self.entity.uid()
+    }
+
+    /// The direct parents' uids.
+    pub fn parent_uids(&self) -> impl Iterator<Item = &EntityUid> {
+        self.parents.iter().map(|parent| &**parent)
     }
 }
 
@@ -145,7 +151,7 @@ impl EntityStore {
         previous: Option<&EntityStore>,
     ) -> Result<(), StoreError> {
         let uid = stored.uid();
-        for parent in stored.parents.iter() {
+        for parent in stored.parent_uids() {
             if !self.entities.contains_key(parent) {
                 return Err(StoreError::MissingParent {
                     uid: Box::new(uid),
@@ -164,8 +170,18 @@ impl EntityStore {
             .filter(|old| old.entity == stored.entity && old.parents == stored.parents)
             .cloned();
         let value = kept.unwrap_or_else(|| {
+            // Every parent is stored (checked above): point at its key.
+            let parents = stored
+                .parents
+                .iter()
+                .map(|parent| match self.entities.get_key_value(&**parent) {
+                    Some((key, _)) => key.clone(),
+                    None => parent.clone(),
+                })
+                .collect();
             Arc::new(StoredEntity {
                 stamp: NEXT_STAMP.fetch_add(1, Ordering::Relaxed),
+                parents,
                 ..stored
             })
         });
@@ -193,7 +209,7 @@ impl EntityStore {
                 continue;
             }
             if let Some(entity) = self.entities.get(uid) {
-                for parent in entity.parents.iter() {
+                for parent in entity.parent_uids() {
                     if parent == ancestor {
                         return true;
                     }
@@ -230,8 +246,7 @@ impl EntityStore {
         let mut refused = Vec::new();
         for (uid, entity) in &rows {
             let missing = entity
-                .parents
-                .iter()
+                .parent_uids()
                 .find(|parent| !rows.contains_key(*parent));
             if let Some(parent) = missing {
                 refused.push(StoreError::MissingParent {
@@ -240,7 +255,7 @@ impl EntityStore {
                 });
                 continue;
             }
-            let distinct: HashSet<&EntityUid> = entity.parents.iter().collect();
+            let distinct: HashSet<&EntityUid> = entity.parent_uids().collect();
             waiting.insert(uid.clone(), distinct.len());
             for parent in distinct {
                 children
@@ -275,8 +290,7 @@ impl EntityStore {
                 continue; // already refused for a missing parent
             }
             let parent = entity
-                .parents
-                .iter()
+                .parent_uids()
                 .find(|parent| !store.contains(parent))
                 .cloned()
                 .unwrap_or_else(|| uid.clone());
@@ -318,7 +332,7 @@ impl EntityStore {
                 pending.extend(out.into_iter().filter(|uid| !seen.contains(uid)));
                 slice.push(entity.clone());
             } else if let Some(stored) = self.entities.get(&uid) {
-                for next in stored.parents.iter().chain(stored.references.iter()) {
+                for next in stored.parent_uids().chain(stored.references.iter()) {
                     if !seen.contains(next) {
                         pending.push(next.clone());
                     }
@@ -350,7 +364,7 @@ impl EntityStore {
             }
             match self.entities.get(&uid) {
                 Some(stored) => {
-                    for next in stored.parents.iter().chain(stored.references.iter()) {
+                    for next in stored.parent_uids().chain(stored.references.iter()) {
                         if !seen.contains(next) {
                             pending.push(next.clone());
                         }
@@ -381,7 +395,7 @@ fn on_cycle(rows: &HashMap<EntityUid, StoredEntity>, start: &EntityUid) -> bool 
         let Some(entity) = rows.get(uid) else {
             continue;
         };
-        for parent in entity.parents.iter() {
+        for parent in entity.parent_uids() {
             if parent == start {
                 return true;
             }
@@ -417,6 +431,20 @@ mod tests {
         let cycle = store.upsert(entity(r#"G::"a""#, &[r#"G::"b""#]));
         assert_eq!(cycle.unwrap_err().kind(), "cycle");
         assert!(store.get(&uid(r#"G::"a""#)).unwrap().parents.is_empty());
+    }
+
+    #[test]
+    fn stored_parents_share_the_parents_keys() {
+        let (mut store, _) = EntityStore::from_entities([
+            entity(r#"G::"a""#, &[]),
+            entity(r#"U::"u""#, &[r#"G::"a""#]),
+        ]);
+        store.upsert(entity(r#"U::"v""#, &[r#"G::"a""#])).unwrap();
+        let (key, _) = store.entities.get_key_value(&uid(r#"G::"a""#)).unwrap();
+        for user in [r#"U::"u""#, r#"U::"v""#] {
+            let stored = store.get(&uid(user)).unwrap();
+            assert!(Arc::ptr_eq(&stored.parents[0], key), "{user}");
+        }
     }
 
     #[test]
