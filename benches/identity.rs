@@ -4,7 +4,9 @@
 //! Users are in 10 leaf groups of a 3-level hierarchy (10 × 10 × 10 groups)
 //! and have 3 attributes. `cargo bench --bench identity` uses 10k/1M users
 //! for changes and 1k/1M for decisions (set `ARBITER_BENCH_LARGE` to change
-//! the large size); `cargo test --benches` runs each once on small stores.
+//! the large size), and at the large size a decision that builds its slice
+//! against one served from the slice cache; `cargo test --benches` runs
+//! each once on small stores.
 //! The resident memory of the large store is printed per user.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -15,9 +17,9 @@ use std::time::Instant;
 
 use arbiter::engine::entity_store::{EntityStore, StoredEntity};
 use arbiter::engine::loader::{Inputs, SourceFile, build};
-use arbiter::engine::{CheckInput, Engine, EntityData, LoadOptions, UidInput};
+use arbiter::engine::{CheckInput, Decision, Engine, EntityData, LoadOptions, SliceUse, UidInput};
 use cedar_policy::{Entity, EntityUid, RestrictedExpression};
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 
 const POLICIES: &str = r#"
 permit (principal in Group::"g-0-0-0", action == Action::"read", resource);
@@ -119,7 +121,7 @@ fn resident_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-fn engine_with(store: EntityStore) -> Arc<Engine> {
+fn engine_with(store: EntityStore, slice_cache_capacity: u64) -> Arc<Engine> {
     let engine = Arc::new(Engine::with_external_data());
     let inputs = Inputs {
         policy_files: vec![SourceFile {
@@ -132,6 +134,7 @@ fn engine_with(store: EntityStore) -> Arc<Engine> {
     };
     let options = LoadOptions {
         decision_cache_capacity: 0,
+        slice_cache_capacity,
         ..LoadOptions::default()
     };
     let (snapshot, _) = build(&inputs, options).unwrap();
@@ -165,56 +168,129 @@ fn identity(c: &mut Criterion) {
         after.saturating_sub(before) as f64 / large as f64
     );
 
-    let mut changes = c.benchmark_group("identity_apply_one_change");
-    for (label, users) in [(change_small, store(change_small)), (large, big.clone())] {
-        // What `identity::Applier::apply` does for one change: upsert into
-        // the persistent store (checks included) and publish a snapshot.
-        let engine = engine_with(users.clone());
-        let mut current = users;
-        let mut position = 2;
-        let mut n = 0usize;
-        changes.bench_function(BenchmarkId::from_parameter(label), |b| {
-            b.iter(|| {
-                n = (n + 7919) % label;
-                position += 1;
-                current.upsert(user(n, (position % 4) as i64)).unwrap();
-                engine.publish_data(EntityData::from_store(current.clone(), position));
-            });
-        });
-    }
-    changes.finish();
-
+    // Decisions that build their slice (slice cache off, decision cache off).
     let mut decisions = c.benchmark_group("identity_decide");
-    for (label, users) in [(decide_small, store(decide_small)), (large, big)] {
-        let engine = engine_with(users);
-        let ids: Vec<String> = (0..1024)
-            .map(|i| format!("u{}", (i * 7919) % label))
-            .collect();
+    for (label, users) in [(decide_small, store(decide_small)), (large, big.clone())] {
+        let engine = engine_with(users, 0);
+        let ids = principals(label);
         let mut i = 0usize;
         decisions.bench_function(BenchmarkId::from_parameter(label), |b| {
             b.iter(|| {
                 i = (i + 1) % ids.len();
-                let input = CheckInput {
-                    principal: Some(UidInput {
-                        type_name: "User",
-                        id: &ids[i],
-                    }),
-                    action: Some(UidInput {
-                        type_name: "Action",
-                        id: "read",
-                    }),
-                    resource: Some(UidInput {
-                        type_name: "Doc",
-                        id: "d1",
-                    }),
-                    context_json: "",
-                    entities_json: "",
-                };
-                engine.check(&input).unwrap()
+                decide(&engine, &ids[i])
             });
         });
     }
     decisions.finish();
+
+    // The same 1,024 principals at the large size, slice built vs prepared
+    // slice from the slice cache (after one round to fill it).
+    let mut slices = c.benchmark_group("identity_decide_slice");
+    let ids = principals(large);
+    for (label, capacity) in [("built", 0), ("cached", 1 << 20)] {
+        let engine = engine_with(big.clone(), capacity);
+        for id in &ids {
+            decide(&engine, id);
+        }
+        if capacity > 0 {
+            // Memory of prepared slices: 10,000 more principals.
+            let more = 10_000.min(large / 2);
+            let before = resident_bytes();
+            for n in 0..more {
+                decide(&engine, &format!("u{}", large - 1 - n));
+            }
+            eprintln!(
+                "identity bench: {more} more prepared slices, resident {:.0} bytes per slice",
+                resident_bytes().saturating_sub(before) as f64 / more as f64
+            );
+        }
+        let mut i = 0usize;
+        slices.bench_function(BenchmarkId::new(label, large), |b| {
+            b.iter(|| {
+                i = (i + 1) % ids.len();
+                let decision = decide(&engine, &ids[i]);
+                let expected = if capacity == 0 {
+                    SliceUse::Built
+                } else {
+                    SliceUse::Cached
+                };
+                assert_eq!(decision.slice, expected);
+                decision
+            });
+        });
+    }
+    slices.finish();
+
+    // Last, so that the large store is no longer shared with another
+    // holder: each change then frees the version it replaces, as in the
+    // server (a clone kept alive would make every change grow memory, and
+    // the bench would time page faults instead of the store).
+    drop(ids);
+    let mut changes = c.benchmark_group("identity_apply_one_change");
+    for (label, users) in [(change_small, store(change_small)), (large, big)] {
+        // What `identity::Applier::apply` does for one change: upsert into
+        // the persistent store (checks included) and publish a snapshot.
+        // The entity is built outside the timing (the source's parsing).
+        // `visible`: until decisions see the change; the replaced version
+        // and the old snapshot are freed after the timing (in the server
+        // that happens after the swap, on the sync task). `with_free`:
+        // freeing them included.
+        let engine = engine_with(users.clone(), 0);
+        let mut current = users;
+        let mut position = 2;
+        let mut n = 0usize;
+        for free in [false, true] {
+            let name = if free { "with_free" } else { "visible" };
+            changes.bench_function(BenchmarkId::new(name, label), |b| {
+                b.iter_batched(
+                    || {
+                        n = (n + 7919) % label;
+                        position += 1;
+                        (user(n, (position % 4) as i64), position)
+                    },
+                    |(entity, position)| {
+                        let old = engine.snapshot();
+                        current.upsert(entity).unwrap();
+                        engine.publish_data(EntityData::from_store(current.clone(), position));
+                        if free {
+                            drop(old);
+                            None
+                        } else {
+                            old
+                        }
+                    },
+                    BatchSize::SmallInput,
+                );
+            });
+        }
+    }
+    changes.finish();
+}
+
+fn principals(users: usize) -> Vec<String> {
+    (0..1024)
+        .map(|i| format!("u{}", (i * 7919) % users))
+        .collect()
+}
+
+fn decide(engine: &Engine, principal: &str) -> Decision {
+    let input = CheckInput {
+        principal: Some(UidInput {
+            type_name: "User",
+            id: principal,
+        }),
+        action: Some(UidInput {
+            type_name: "Action",
+            id: "read",
+        }),
+        resource: Some(UidInput {
+            type_name: "Doc",
+            id: "d1",
+        }),
+        context_json: "",
+        entities_json: "",
+    };
+    engine.check(&input).unwrap()
 }
 
 criterion_group!(benches, identity);

@@ -59,6 +59,9 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
             "fresh": status.is_fresh(),
             "staleness_ms": status.staleness().as_millis() as u64,
             "max_staleness_ms": status.max_staleness.as_millis() as u64,
+            "applied_position": status.applied_position(),
+            "source_position": status.source_position(),
+            "lag_positions": status.lag_positions(),
             "last_error": status.last_error.load_full().as_deref(),
         })
     });

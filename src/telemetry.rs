@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::engine::Decision;
+use crate::engine::{Decision, SliceUse};
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -45,6 +45,14 @@ fn describe() {
         "arbiter_decision_cache_hits_total",
         "Decisions answered from the per-snapshot decision cache"
     );
+    metrics::describe_counter!(
+        "arbiter_slice_cache_hits_total",
+        "Decisions over synced data evaluated against a prepared slice from the slice cache"
+    );
+    metrics::describe_counter!(
+        "arbiter_slice_builds_total",
+        "Decisions over synced data that built their slice of the store"
+    );
     metrics::describe_gauge!("arbiter_policies_loaded", "Policies in the active set");
     metrics::describe_gauge!("arbiter_entities_loaded", "Entities in the active store");
     metrics::describe_counter!("arbiter_policy_reloads_total", "Successful policy reloads");
@@ -61,6 +69,8 @@ pub struct DecisionMetrics {
     denied: Counter,
     rejected: Counter,
     cache_hits: Counter,
+    slice_hits: Counter,
+    slice_builds: Counter,
     duration: Histogram,
 }
 
@@ -71,6 +81,8 @@ impl DecisionMetrics {
             denied: metrics::counter!("arbiter_decisions_total", "outcome" => "deny"),
             rejected: metrics::counter!("arbiter_decisions_total", "outcome" => "invalid_request"),
             cache_hits: metrics::counter!("arbiter_decision_cache_hits_total"),
+            slice_hits: metrics::counter!("arbiter_slice_cache_hits_total"),
+            slice_builds: metrics::counter!("arbiter_slice_builds_total"),
             duration: metrics::histogram!("arbiter_decision_duration_seconds"),
         }
     }
@@ -83,6 +95,11 @@ impl DecisionMetrics {
         }
         if decision.cached {
             self.cache_hits.increment(1);
+        }
+        match decision.slice {
+            SliceUse::None => {}
+            SliceUse::Built => self.slice_builds.increment(1),
+            SliceUse::Cached => self.slice_hits.increment(1),
         }
         self.duration.record(decision.elapsed.as_secs_f64());
     }

@@ -322,6 +322,7 @@ fn event(n: usize) -> DecisionEvent {
         data_revision: Arc::from("d1"),
         elapsed: Duration::from_micros(7),
         cached: false,
+        slice: arbiter::engine::SliceUse::None,
     };
     let mut event = DecisionEvent::new(Transport::Grpc, decision);
     event.principal = Some(Uid {

@@ -60,6 +60,7 @@ impl SourceArgs {
             on_evaluation_error: crate::engine::OnEvaluationError::Deny,
             // One-shot commands gain nothing from remembering answers.
             decision_cache_capacity: 0,
+            slice_cache_capacity: 0,
         }
     }
 }

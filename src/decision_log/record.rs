@@ -494,6 +494,7 @@ mod tests {
             data_revision: "d".into(),
             elapsed: Duration::from_micros(3),
             cached: true,
+            slice: crate::engine::SliceUse::None,
         };
         let mut event = DecisionEvent::new(Transport::ExtAuthz, decision);
         event.context_json =

@@ -21,6 +21,22 @@ pub struct Decision {
     pub elapsed: Duration,
     /// Answered from the snapshot's decision cache.
     pub cached: bool,
+    /// What synced entity data was evaluated against.
+    pub slice: SliceUse,
+}
+
+/// Whether a decision over synced entity data built its slice of the store
+/// or took a prepared one from the slice cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SliceUse {
+    /// No slice: file data without request entities, a decision-cache hit,
+    /// or a request refused before evaluation.
+    #[default]
+    None,
+    /// Built for this decision (and cached, when the cache is on).
+    Built,
+    /// A prepared slice, still exact for this snapshot's store.
+    Cached,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cedar_policy::{Entities, Entity, EntityUid};
 
@@ -27,11 +28,26 @@ use super::snapshot::entity_references;
 #[derive(Debug, Clone)]
 pub struct StoredEntity {
     pub entity: Entity,
-    /// Direct parents.
-    pub parents: Box<[EntityUid]>,
+    /// Direct parents. Once stored, each is the store's own key of that
+    /// parent (shared, not a copy: 8 bytes an edge instead of a uid).
+    pub parents: Box<[Arc<EntityUid>]>,
     /// Entities named by attributes and tags.
     pub references: Box<[EntityUid]>,
+    /// Set when the entity is stored: unique in the process, so two stored
+    /// entities with the same stamp are the same value (see [`Stamp`]).
+    stamp: Stamp,
 }
+
+/// Identifies one stored version of an entity: every [`EntityStore::upsert`]
+/// draws a new one from a process-wide counter. [`ABSENT`] stands for "no
+/// such entity". A prepared slice records the stamps of every uid it looked
+/// up, and is still exact for a store where those uids have the same stamps.
+pub type Stamp = u64;
+
+/// The stamp of a uid that is not stored.
+pub const ABSENT: Stamp = 0;
+
+static NEXT_STAMP: AtomicU64 = AtomicU64::new(1);
 
 impl StoredEntity {
     /// `parents` must be the entity's direct parents.
@@ -40,13 +56,19 @@ impl StoredEntity {
         entity_references(&entity, &mut references);
         StoredEntity {
             entity,
-            parents: parents.into_boxed_slice(),
+            parents: parents.into_iter().map(Arc::new).collect(),
             references: references.into_boxed_slice(),
+            stamp: ABSENT,
         }
     }
 
     pub fn uid(&self) -> EntityUid {
         self.entity.uid()
+    }
+
+    /// The direct parents' uids.
+    pub fn parent_uids(&self) -> impl Iterator<Item = &EntityUid> {
+        self.parents.iter().map(|parent| &**parent)
     }
 }
 
@@ -117,8 +139,19 @@ impl EntityStore {
     /// is not stored or when a parent is the entity itself or one of its
     /// descendants.
     pub fn upsert(&mut self, stored: StoredEntity) -> Result<(), StoreError> {
+        self.upsert_reusing(stored, None)
+    }
+
+    /// [`EntityStore::upsert`], keeping `previous`'s version (and so its
+    /// stamp) when it is equal: a full listing that changes nothing then
+    /// leaves every prepared slice valid.
+    fn upsert_reusing(
+        &mut self,
+        stored: StoredEntity,
+        previous: Option<&EntityStore>,
+    ) -> Result<(), StoreError> {
         let uid = stored.uid();
-        for parent in stored.parents.iter() {
+        for parent in stored.parent_uids() {
             if !self.entities.contains_key(parent) {
                 return Err(StoreError::MissingParent {
                     uid: Box::new(uid),
@@ -132,8 +165,33 @@ impl EntityStore {
                 });
             }
         }
-        self.entities.insert(Arc::new(uid), Arc::new(stored));
+        let kept = previous
+            .and_then(|previous| previous.entities.get(&uid))
+            .filter(|old| old.entity == stored.entity && old.parents == stored.parents)
+            .cloned();
+        let value = kept.unwrap_or_else(|| {
+            // Every parent is stored (checked above): point at its key.
+            let parents = stored
+                .parents
+                .iter()
+                .map(|parent| match self.entities.get_key_value(&**parent) {
+                    Some((key, _)) => key.clone(),
+                    None => parent.clone(),
+                })
+                .collect();
+            Arc::new(StoredEntity {
+                stamp: NEXT_STAMP.fetch_add(1, Ordering::Relaxed),
+                parents,
+                ..stored
+            })
+        });
+        self.entities.insert(Arc::new(uid), value);
         Ok(())
+    }
+
+    /// The stamp of the stored version of `uid`, [`ABSENT`] when not stored.
+    pub fn stamp(&self, uid: &EntityUid) -> Stamp {
+        self.entities.get(uid).map_or(ABSENT, |stored| stored.stamp)
     }
 
     /// Removes an entity; its children keep the edge to it (a dangling edge
@@ -151,7 +209,7 @@ impl EntityStore {
                 continue;
             }
             if let Some(entity) = self.entities.get(uid) {
-                for parent in entity.parents.iter() {
+                for parent in entity.parent_uids() {
                     if parent == ancestor {
                         return true;
                     }
@@ -168,6 +226,15 @@ impl EntityStore {
     pub fn from_entities(
         entities: impl IntoIterator<Item = StoredEntity>,
     ) -> (EntityStore, Vec<StoreError>) {
+        Self::from_entities_reusing(entities, None)
+    }
+
+    /// [`EntityStore::from_entities`] for a reconciliation: entities equal
+    /// to their version in `previous` keep it (and its stamp).
+    pub fn from_entities_reusing(
+        entities: impl IntoIterator<Item = StoredEntity>,
+        previous: Option<&EntityStore>,
+    ) -> (EntityStore, Vec<StoreError>) {
         let mut rows: HashMap<EntityUid, StoredEntity> = HashMap::new();
         for entity in entities {
             rows.insert(entity.uid(), entity);
@@ -179,8 +246,7 @@ impl EntityStore {
         let mut refused = Vec::new();
         for (uid, entity) in &rows {
             let missing = entity
-                .parents
-                .iter()
+                .parent_uids()
                 .find(|parent| !rows.contains_key(*parent));
             if let Some(parent) = missing {
                 refused.push(StoreError::MissingParent {
@@ -189,7 +255,7 @@ impl EntityStore {
                 });
                 continue;
             }
-            let distinct: HashSet<&EntityUid> = entity.parents.iter().collect();
+            let distinct: HashSet<&EntityUid> = entity.parent_uids().collect();
             waiting.insert(uid.clone(), distinct.len());
             for parent in distinct {
                 children
@@ -206,7 +272,7 @@ impl EntityStore {
             let Some(entity) = rows.remove(&uid) else {
                 continue;
             };
-            if store.upsert(entity).is_err() {
+            if store.upsert_reusing(entity, previous).is_err() {
                 continue;
             }
             for child in children.remove(&uid).unwrap_or_default() {
@@ -224,8 +290,7 @@ impl EntityStore {
                 continue; // already refused for a missing parent
             }
             let parent = entity
-                .parents
-                .iter()
+                .parent_uids()
                 .find(|parent| !store.contains(parent))
                 .cloned()
                 .unwrap_or_else(|| uid.clone());
@@ -267,7 +332,7 @@ impl EntityStore {
                 pending.extend(out.into_iter().filter(|uid| !seen.contains(uid)));
                 slice.push(entity.clone());
             } else if let Some(stored) = self.entities.get(&uid) {
-                for next in stored.parents.iter().chain(stored.references.iter()) {
+                for next in stored.parent_uids().chain(stored.references.iter()) {
                     if !seen.contains(next) {
                         pending.push(next.clone());
                     }
@@ -280,6 +345,48 @@ impl EntityStore {
     }
 }
 
+impl EntityStore {
+    /// Like [`EntityStore::slice_with_overlay`] without an overlay, also
+    /// recording every uid looked up (found or not) with its stamp: the
+    /// slice is a function of exactly those entries, so it is still the
+    /// slice of any store where they carry the same stamps.
+    pub fn slice_recording(
+        &self,
+        roots: impl IntoIterator<Item = EntityUid>,
+        looked_up: &mut Vec<(EntityUid, Stamp)>,
+    ) -> Vec<Entity> {
+        let mut seen: HashSet<EntityUid> = HashSet::new();
+        let mut pending: Vec<EntityUid> = roots.into_iter().collect();
+        let mut slice = Vec::new();
+        while let Some(uid) = pending.pop() {
+            if seen.contains(&uid) {
+                continue;
+            }
+            match self.entities.get(&uid) {
+                Some(stored) => {
+                    for next in stored.parent_uids().chain(stored.references.iter()) {
+                        if !seen.contains(next) {
+                            pending.push(next.clone());
+                        }
+                    }
+                    slice.push(stored.entity.clone());
+                    looked_up.push((uid.clone(), stored.stamp));
+                }
+                None => looked_up.push((uid.clone(), ABSENT)),
+            }
+            seen.insert(uid);
+        }
+        slice
+    }
+
+    /// True when every recorded uid still has the recorded stamp here.
+    pub fn unchanged(&self, looked_up: &[(EntityUid, Stamp)]) -> bool {
+        looked_up
+            .iter()
+            .all(|(uid, stamp)| self.stamp(uid) == *stamp)
+    }
+}
+
 /// True when `start` reaches itself through parents inside `rows`.
 fn on_cycle(rows: &HashMap<EntityUid, StoredEntity>, start: &EntityUid) -> bool {
     let mut seen: HashSet<&EntityUid> = HashSet::new();
@@ -288,7 +395,7 @@ fn on_cycle(rows: &HashMap<EntityUid, StoredEntity>, start: &EntityUid) -> bool 
         let Some(entity) = rows.get(uid) else {
             continue;
         };
-        for parent in entity.parents.iter() {
+        for parent in entity.parent_uids() {
             if parent == start {
                 return true;
             }
@@ -324,6 +431,20 @@ mod tests {
         let cycle = store.upsert(entity(r#"G::"a""#, &[r#"G::"b""#]));
         assert_eq!(cycle.unwrap_err().kind(), "cycle");
         assert!(store.get(&uid(r#"G::"a""#)).unwrap().parents.is_empty());
+    }
+
+    #[test]
+    fn stored_parents_share_the_parents_keys() {
+        let (mut store, _) = EntityStore::from_entities([
+            entity(r#"G::"a""#, &[]),
+            entity(r#"U::"u""#, &[r#"G::"a""#]),
+        ]);
+        store.upsert(entity(r#"U::"v""#, &[r#"G::"a""#])).unwrap();
+        let (key, _) = store.entities.get_key_value(&uid(r#"G::"a""#)).unwrap();
+        for user in [r#"U::"u""#, r#"U::"v""#] {
+            let stored = store.get(&uid(user)).unwrap();
+            assert!(Arc::ptr_eq(&stored.parents[0], key), "{user}");
+        }
     }
 
     #[test]

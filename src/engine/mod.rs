@@ -12,6 +12,7 @@ pub mod entity_store;
 mod error;
 pub mod loader;
 mod request_entities;
+mod slice_cache;
 mod snapshot;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,7 +24,7 @@ use cedar_policy::{
     EntityUid, Request, Schema,
 };
 
-pub use decision::{Decision, PolicyEvaluationError};
+pub use decision::{Decision, PolicyEvaluationError, SliceUse};
 pub use error::{LoadDiagnostic, LoadError, RequestError, RequestField};
 pub use loader::{LoadOptions, LoadReport, OnEvaluationError, Sources};
 pub use request_entities::{EntityMerge, EntityRef, RequestEntities};
@@ -72,6 +73,9 @@ struct Parts {
     policies: Option<Arc<PolicySnapshot>>,
     data: Option<Arc<EntityData>>,
     decision_cache_capacity: u64,
+    slice_cache_capacity: u64,
+    /// Prepared slices for the current policies, kept across data publishes.
+    slices: Option<Arc<slice_cache::SliceCache>>,
 }
 
 impl Default for Engine {
@@ -106,7 +110,11 @@ impl Engine {
         let mut parts = self.parts.lock().unwrap_or_else(PoisonError::into_inner);
         parts.policies = Some(snapshot.policies.clone());
         parts.decision_cache_capacity = snapshot.decision_cache_capacity;
+        parts.slice_cache_capacity = snapshot.slice_cache_capacity;
         if self.external_data {
+            // Slices hold the policies' literals and action entities.
+            parts.slices =
+                slice_cache::SliceCache::new(snapshot.slice_cache_capacity).map(Arc::new);
             self.assemble(&parts);
         } else {
             parts.data = Some(snapshot.data.clone());
@@ -126,11 +134,14 @@ impl Engine {
 
     fn assemble(&self, parts: &Parts) {
         if let (Some(policies), Some(data)) = (&parts.policies, &parts.data) {
-            self.current.store(Some(Arc::new(Snapshot::new(
+            let mut snapshot = Snapshot::new(
                 policies.clone(),
                 data.clone(),
                 parts.decision_cache_capacity,
-            ))));
+                parts.slice_cache_capacity,
+            );
+            snapshot.slices = parts.slices.clone();
+            self.current.store(Some(Arc::new(snapshot)));
             self.positions.send_replace(data.position);
         }
     }
@@ -229,6 +240,7 @@ impl Engine {
                 data_revision: snapshot.data.revision.clone(),
                 elapsed: started.elapsed(),
                 cached: true,
+                slice: SliceUse::None,
             });
         }
         let policies = &*snapshot.policies;
@@ -270,7 +282,9 @@ impl Engine {
         };
         let context = parse_context(context_value, schema, &action, policies.validate_requests)?;
         // The roots of the overlay's slice: the request's entities, those
-        // named in the context, and those named literally in policies.
+        // named in the context, and those named literally in policies. The
+        // first `request_roots` are the request's own: the slice cache key.
+        let mut request_roots = 0;
         let roots = if needs_slice {
             let mut roots = vec![principal.clone(), action.clone(), resource.clone()];
             for key in &context_keys {
@@ -278,6 +292,7 @@ impl Engine {
                     collect_uids(&value, &mut roots);
                 }
             }
+            request_roots = roots.len();
             roots.extend(policies.literal_uids.iter().cloned());
             roots
         } else {
@@ -292,10 +307,43 @@ impl Engine {
         let request = Request::new(principal, action, resource, context, request_schema)
             .map_err(|error| RequestError::invalid_because(request_error_field(&error), &error))?;
 
-        let response = match snapshot.data.whole() {
-            Some(entities) if !has_overlay => {
+        let cached_slices = match (&snapshot.slices, snapshot.data.store()) {
+            (Some(cache), Some(store)) if !has_overlay => Some((cache, store)),
+            _ => None,
+        };
+        let mut slice_use = if needs_slice {
+            SliceUse::Built
+        } else {
+            SliceUse::None
+        };
+        let response = match (snapshot.data.whole(), cached_slices) {
+            (Some(entities), _) if !has_overlay => {
                 self.authorizer
                     .is_authorized(&request, &policies.policies, entities)
+            }
+            (_, Some((cache, store))) => {
+                let key = &roots[..request_roots];
+                let prepared = match cache.get(key, store) {
+                    Some(prepared) => {
+                        slice_use = SliceUse::Cached;
+                        prepared
+                    }
+                    None => {
+                        let mut looked_up = Vec::new();
+                        let mut slice =
+                            store.slice_recording(roots.iter().cloned(), &mut looked_up);
+                        add_action_entities(&mut slice, request.action(), policies);
+                        let entities = Entities::from_entities(slice, None).map_err(|error| {
+                            RequestError::invalid_because(RequestField::Entities, &error)
+                        })?;
+                        let prepared =
+                            Arc::new(slice_cache::PreparedSlice::new(entities, looked_up));
+                        cache.insert(key, prepared.clone());
+                        prepared
+                    }
+                };
+                self.authorizer
+                    .is_authorized(&request, &policies.policies, &prepared.entities)
             }
             _ => {
                 let overlay = if has_json_overlay {
@@ -308,22 +356,8 @@ impl Engine {
                     None => overlay,
                 };
                 let mut slice = snapshot.data.slice_with_overlay(roots, &overlay);
-                if let (None, Some(actions)) = (snapshot.data.whole(), &policies.action_entities) {
-                    // Synced data has no action entities: add the request's
-                    // action and its groups from the schema.
-                    let action = request.action().cloned();
-                    let ancestors = action
-                        .iter()
-                        .flat_map(|uid| actions.ancestors(uid).into_iter().flatten())
-                        .cloned()
-                        .collect::<Vec<_>>();
-                    for uid in action.into_iter().chain(ancestors) {
-                        if let Some(entity) = actions.get(&uid)
-                            && !slice.iter().any(|present| present.uid() == uid)
-                        {
-                            slice.push(entity.clone());
-                        }
-                    }
+                if snapshot.data.whole().is_none() {
+                    add_action_entities(&mut slice, request.action(), policies);
                 }
                 let entities = Entities::from_entities(slice, None).map_err(|error| {
                     RequestError::invalid_because(RequestField::Entities, &error)
@@ -377,7 +411,32 @@ impl Engine {
             data_revision: snapshot.data.revision.clone(),
             elapsed: started.elapsed(),
             cached: false,
+            slice: slice_use,
         })
+    }
+}
+
+/// Synced data has no action entities: adds the request's action and its
+/// groups from the schema, unless the slice has them.
+fn add_action_entities(
+    slice: &mut Vec<Entity>,
+    action: Option<&EntityUid>,
+    policies: &PolicySnapshot,
+) {
+    let Some(actions) = &policies.action_entities else {
+        return;
+    };
+    let ancestors = action
+        .iter()
+        .flat_map(|uid| actions.ancestors(uid).into_iter().flatten())
+        .cloned()
+        .collect::<Vec<_>>();
+    for uid in action.cloned().into_iter().chain(ancestors) {
+        if let Some(entity) = actions.get(&uid)
+            && !slice.iter().any(|present| present.uid() == uid)
+        {
+            slice.push(entity.clone());
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::decision_cache::DecisionCache;
 use super::entity_store::EntityStore;
 use super::loader::{LoadOptions, OnEvaluationError};
+use super::slice_cache::SliceCache;
 use cedar_policy::{Entities, Entity, EntityUid, EvalResult, PolicySet, Schema};
 
 /// Everything one decision needs, swapped as one unit so that a request sees
@@ -19,20 +20,29 @@ pub struct Snapshot {
     /// Answers already given from exactly this state; born empty with it.
     pub(crate) decisions: Option<DecisionCache>,
     pub(crate) decision_cache_capacity: u64,
+    /// Prepared slices of synced data; shared by the snapshots of one
+    /// policy set (set by the engine, which owns it).
+    pub(crate) slices: Option<Arc<SliceCache>>,
+    pub(crate) slice_cache_capacity: u64,
 }
 
 impl Snapshot {
-    /// `decision_cache_capacity` decisions are remembered (0: none).
+    /// `decision_cache_capacity` decisions are remembered (0: none);
+    /// `slice_cache_capacity` entities of prepared slices, when the data is
+    /// synced (0: none).
     pub fn new(
         policies: Arc<PolicySnapshot>,
         data: Arc<EntityData>,
         decision_cache_capacity: u64,
+        slice_cache_capacity: u64,
     ) -> Self {
         Snapshot {
             policies,
             data,
             decisions: DecisionCache::new(decision_cache_capacity),
             decision_cache_capacity,
+            slices: None,
+            slice_cache_capacity,
         }
     }
 }
@@ -154,6 +164,14 @@ impl EntityData {
         match &self.backing {
             Backing::Whole { entities, .. } => Some(entities),
             Backing::Store(_) => None,
+        }
+    }
+
+    /// The synced store, when the data is not one Cedar `Entities`.
+    pub(crate) fn store(&self) -> Option<&EntityStore> {
+        match &self.backing {
+            Backing::Whole { .. } => None,
+            Backing::Store(store) => Some(store),
         }
     }
 

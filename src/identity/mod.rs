@@ -88,6 +88,11 @@ pub struct SyncStatus {
     synced: AtomicBool,
     /// Unix milliseconds of the last successful contact with the source.
     last_success_ms: AtomicU64,
+    /// The newest position the source reported when last asked (Postgres:
+    /// `max(seq)` of the change log, read before each poll).
+    source_position: AtomicU64,
+    /// The position of the data published to the engine.
+    applied_position: AtomicU64,
     pub max_staleness: Duration,
     pub last_error: ArcSwapOption<String>,
 }
@@ -97,6 +102,8 @@ impl SyncStatus {
         SyncStatus {
             synced: AtomicBool::new(false),
             last_success_ms: AtomicU64::new(0),
+            source_position: AtomicU64::new(0),
+            applied_position: AtomicU64::new(0),
             max_staleness,
             last_error: ArcSwapOption::empty(),
         }
@@ -116,6 +123,24 @@ impl SyncStatus {
     pub fn staleness(&self) -> Duration {
         let last = self.last_success_ms.load(Ordering::Acquire);
         Duration::from_millis(now_ms().saturating_sub(last))
+    }
+
+    /// The newest position the source had when last asked.
+    pub fn source_position(&self) -> u64 {
+        self.source_position.load(Ordering::Acquire)
+    }
+
+    /// The position of the data the engine serves.
+    pub fn applied_position(&self) -> u64 {
+        self.applied_position.load(Ordering::Acquire)
+    }
+
+    /// How many positions the source is ahead of the served data (0 when
+    /// caught up). Postgres: change-log sequence numbers, so a rolled-back
+    /// writer's unused numbers count too (an upper bound on pending changes).
+    pub fn lag_positions(&self) -> u64 {
+        self.source_position()
+            .saturating_sub(self.applied_position())
     }
 
     fn succeeded(&self) {
@@ -294,7 +319,10 @@ impl Applier {
                 Err(error) => self.reject_row(&uid, &error),
             }
         }
-        let (store, refused) = EntityStore::from_entities(good);
+        // Unchanged entities keep their stored version, so prepared slices
+        // of them stay valid across a reconciliation.
+        let previous = self.position.is_some().then_some(&self.store);
+        let (store, refused) = EntityStore::from_entities_reusing(good, previous);
         for error in &refused {
             self.reject_store(error);
         }
@@ -371,14 +399,39 @@ impl Applier {
         self.status.succeeded();
     }
 
+    /// The source's newest position, read before applying what comes
+    /// before it: until that is applied, the difference is the lag in
+    /// positions (`arbiter_identity_lag_positions`).
+    pub fn saw_source_position(&self, position: u64) {
+        self.status
+            .source_position
+            .store(position, Ordering::Release);
+        self.report_lag();
+    }
+
+    fn report_lag(&self) {
+        metrics::gauge!("arbiter_identity_source_position", "source" => self.source)
+            .set(self.status.source_position() as f64);
+        metrics::gauge!("arbiter_identity_lag_positions", "source" => self.source)
+            .set(self.status.lag_positions() as f64);
+    }
+
     fn publish(&mut self, position: u64) {
         self.position = Some(position);
         self.engine
             .publish_data(EntityData::from_store(self.store.clone(), position));
+        // The source had at least what was just read from it.
+        self.status
+            .source_position
+            .fetch_max(position, Ordering::AcqRel);
+        self.status
+            .applied_position
+            .store(position, Ordering::Release);
         metrics::gauge!("arbiter_identity_entities", "source" => self.source)
             .set(self.store.len() as f64);
         metrics::gauge!("arbiter_identity_applied_position", "source" => self.source)
             .set(position as f64);
+        self.report_lag();
         self.status.succeeded();
         self.status.synced.store(true, Ordering::Release);
     }

@@ -221,6 +221,12 @@ impl<'a> Session<'a> {
             .batch_execute(&format!("LISTEN {}", source.channel))
             .await?;
         let entity = client.prepare(&source.entity_query).await?;
+        let head = client
+            .prepare(&format!(
+                "SELECT coalesce(max(seq), 0)::int8 FROM {}",
+                source.change_log
+            ))
+            .await?;
         let changes = client
             .prepare(&format!(
                 "SELECT seq, entity_type, entity_id, \
@@ -239,7 +245,7 @@ impl<'a> Session<'a> {
         );
         loop {
             // Catch up first (this also covers anything missed while away).
-            poll(&client, &changes, &entity, applier).await?;
+            poll(&client, &head, &changes, &entity, applier).await?;
             tokio::select! {
                 () = wake.notified() => {}
                 () = tokio::time::sleep(source.poll_interval) => {}
@@ -311,10 +317,16 @@ async fn full_sync(
 /// entity's state in the same snapshot as the change log.
 async fn poll(
     client: &Client,
+    head: &Statement,
     changes: &Statement,
     entity: &Statement,
     applier: &mut Applier,
 ) -> Result<(), IdentityError> {
+    // The newest position first, outside the snapshot (one index probe): if
+    // reading or applying what follows stalls or fails, the lag in positions
+    // shows how far the served data is behind.
+    let newest: i64 = client.query_one(head, &[]).await?.try_get(0)?;
+    applier.saw_source_position(newest.max(0) as u64);
     let after = applier.position().unwrap_or(0) as i64;
     let mut tx = ReadSnapshot::begin(client).await?;
     let rows = tx.client.query(changes, &[&after]).await?;

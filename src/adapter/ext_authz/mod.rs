@@ -191,6 +191,7 @@ impl ExtAuthzService {
                     data_revision: revision(|s| s.data.revision.clone()),
                     elapsed: std::time::Duration::ZERO,
                     cached: false,
+                    slice: crate::engine::SliceUse::None,
                 }
             }
         };
