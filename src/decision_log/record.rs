@@ -548,6 +548,7 @@ mod tests {
             data_revision: "".into(),
             elapsed: Duration::from_micros(1_234_567),
             cached: false,
+            slice: crate::engine::SliceUse::None,
         };
         for round in 0..3 {
             let mut event = DecisionEvent::new(Transport::Grpc, decision.clone());
@@ -625,6 +626,7 @@ mod tests {
             data_revision: "d".into(),
             elapsed: Duration::ZERO,
             cached: false,
+            slice: crate::engine::SliceUse::None,
         };
         let cases = [
             (
