@@ -21,7 +21,8 @@
 # Knobs (environment): ROUNDS=3 DURATION=8 WARMUP=2 CLIENTS=4 STREAMS=8
 # THREADS=1 CACHE_SIZES="default 0" STRICT=1 (exit 1 below a goal)
 # SPOOL_MAX_BYTES=8589934592 (the spool cap of the nats modes; needs that
-# much free space in $TMPDIR at ~50k req/s).
+# much free space in $TMPDIR at ~50k req/s), NATS_SINK_EXTRA (more keys for
+# the NATS sink, e.g. 'records_per_message = 1').
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -34,6 +35,7 @@ CACHE_SIZES=${CACHE_SIZES:-default 0}
 STRICT=${STRICT:-0}
 # Large enough that nats-down spools every record of the run (no drops).
 SPOOL_MAX_BYTES=${SPOOL_MAX_BYTES:-8589934592}
+NATS_SINK_EXTRA=${NATS_SINK_EXTRA:-}
 GOAL_NATS=0.93
 GOAL_DOWN=0.85
 
@@ -140,8 +142,8 @@ config() { # config MODE -> TOML path
     nats | nats-down)
       local port=$NATS_PORT
       [[ $mode == nats-down ]] && port=$DEAD_PORT
-      printf '[decision_log]\nspool_dir = "%s"\nspool_max_bytes = %s\n\n[[decision_log.sinks]]\ntype = "nats"\nurl = "nats://127.0.0.1:%s"\nsubject = "bench.decisions"\nstream = "BENCH"\n' \
-        "$WORK/spool-$mode-$RANDOM" "$SPOOL_MAX_BYTES" "$port" >"$file"
+      printf '[decision_log]\nspool_dir = "%s"\nspool_max_bytes = %s\n\n[[decision_log.sinks]]\ntype = "nats"\nurl = "nats://127.0.0.1:%s"\nsubject = "bench.decisions"\nstream = "BENCH"\n%b\n' \
+        "$WORK/spool-$mode-$RANDOM" "$SPOOL_MAX_BYTES" "$port" "$NATS_SINK_EXTRA" >"$file"
       ;;
   esac
   echo "$file"
