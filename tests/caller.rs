@@ -16,7 +16,6 @@ use arbiter::decision_log::{DecisionLogConfig, SinkConfig};
 use arbiter::proto::v1::authorizer_client::AuthorizerClient;
 use arbiter::proto::v1::{CheckRequest, Decision, EntityUid};
 use common::TestServer;
-use hyper_util::rt::TokioIo;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
@@ -221,17 +220,7 @@ async fn unix_socket_callers_are_named_by_their_credentials() {
         mode: 0o600,
     });
     let server = TestServer::start(config).await;
-    let path = socket.clone();
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = common::uds_channel(&socket).await;
     let answer = AuthorizerClient::new(channel)
         .check(request())
         .await

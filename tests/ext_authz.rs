@@ -960,7 +960,6 @@ async fn jwks_url_with_key_rotation() {
 
 #[tokio::test]
 async fn unix_socket_listener_serves_ext_authz_with_its_mode() {
-    use hyper_util::rt::TokioIo;
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("arbiter.sock");
@@ -974,17 +973,7 @@ async fn unix_socket_listener_serves_ext_authz_with_its_mode() {
     let server = TestServer::start(config).await;
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
-    let path = socket.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = common::uds_channel(&socket).await;
     let mut client = AuthorizationClient::new(channel);
     let answer = check(
         &mut client,

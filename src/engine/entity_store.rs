@@ -408,14 +408,14 @@ fn on_cycle(rows: &HashMap<EntityUid, StoredEntity>, start: &EntityUid) -> bool 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn uid(text: &str) -> EntityUid {
+    pub(crate) fn uid(text: &str) -> EntityUid {
         text.parse().unwrap()
     }
 
-    fn entity(id: &str, parents: &[&str]) -> StoredEntity {
+    pub(crate) fn entity(id: &str, parents: &[&str]) -> StoredEntity {
         let parents: Vec<EntityUid> = parents.iter().map(|p| uid(p)).collect();
         let entity = Entity::new_no_attrs(uid(id), parents.iter().cloned().collect());
         StoredEntity::new(entity, parents)

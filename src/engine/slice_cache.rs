@@ -87,18 +87,7 @@ impl SliceCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::entity_store::StoredEntity;
-    use cedar_policy::Entity;
-
-    fn uid(text: &str) -> EntityUid {
-        text.parse().unwrap()
-    }
-
-    fn entity(id: &str, parents: &[&str]) -> StoredEntity {
-        let parents: Vec<EntityUid> = parents.iter().map(|p| uid(p)).collect();
-        let entity = Entity::new_no_attrs(uid(id), parents.iter().cloned().collect());
-        StoredEntity::new(entity, parents)
-    }
+    use crate::engine::entity_store::tests::{entity, uid};
 
     fn prepare(cache: &SliceCache, store: &EntityStore, roots: &[EntityUid]) {
         let mut looked_up = Vec::new();

@@ -170,3 +170,20 @@ pub fn saas(principal: &str, action: &str, resource_type: &str, resource: &str) 
     }
 }
 pub mod nats;
+
+/// A gRPC channel to a server's Unix-domain socket.
+pub async fn uds_channel(socket: &Path) -> Channel {
+    let path = socket.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
