@@ -34,7 +34,10 @@ const FIXTURES: &[(&str, &str)] = &[
 const DEFAULT_FIXTURE: &str = "rbac.json";
 const DEFAULT_CASE: &str = "viewer can read an internal document";
 
-type Error = Box<dyn std::error::Error>;
+#[path = "shared/grpc_frame.rs"]
+mod grpc_frame;
+
+use grpc_frame::{Error, frame, unframe};
 
 fn uid(case: &Value, field: &str) -> Result<pb::EntityUid, Error> {
     let part = |key: &str| -> Result<String, Error> {
@@ -73,34 +76,6 @@ fn request(fixture: &str, name: &str) -> Result<pb::CheckRequest, Error> {
             .unwrap_or_default(),
         min_data_revision: String::new(),
     })
-}
-
-fn frame(message: &impl Message) -> Result<Vec<u8>, Error> {
-    let body = message.encode_to_vec();
-    let length = u32::try_from(body.len())?;
-    let mut framed = Vec::with_capacity(5 + body.len());
-    framed.push(0);
-    framed.extend_from_slice(&length.to_be_bytes());
-    framed.extend_from_slice(&body);
-    Ok(framed)
-}
-
-fn unframe(bytes: &[u8]) -> Result<&[u8], Error> {
-    let (&[flag, a, b, c, d], body) = bytes
-        .split_first_chunk::<5>()
-        .ok_or("shorter than a gRPC frame header")?;
-    if flag != 0 {
-        return Err("compressed gRPC frames are not supported".into());
-    }
-    let length = usize::try_from(u32::from_be_bytes([a, b, c, d]))?;
-    if body.len() != length {
-        return Err(format!(
-            "frame says {length} bytes, {} follow (one message expected)",
-            body.len()
-        )
-        .into());
-    }
-    Ok(body)
 }
 
 fn run(args: &[String]) -> Result<bool, Error> {

@@ -329,12 +329,9 @@ fn check_allow_and_deny_against_the_embedded_default() {
     );
 }
 
-/// The README's quick start: `arbiter serve` on the embedded default, then
-/// `arbiter check --server` as the client, one allow and one deny.
-#[test]
-fn quick_start_allow_and_deny_through_a_running_server() {
-    use std::io::{BufRead, BufReader};
-    let mut server = Command::new(env!("CARGO_BIN_EXE_arbiter"))
+/// `arbiter serve` on the embedded default, on free ports, its stderr piped.
+fn spawn_embedded_server() -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_arbiter"))
         .args([
             "serve",
             "--listen",
@@ -345,7 +342,15 @@ fn quick_start_allow_and_deny_through_a_running_server() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// The README's quick start: `arbiter serve` on the embedded default, then
+/// `arbiter check --server` as the client, one allow and one deny.
+#[test]
+fn quick_start_allow_and_deny_through_a_running_server() {
+    use std::io::{BufRead, BufReader};
+    let mut server = spawn_embedded_server();
     let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
     let mut addr = None;
     for line in lines.by_ref() {
@@ -400,18 +405,7 @@ fn quick_start_allow_and_deny_through_a_running_server() {
 #[test]
 fn closed_stderr_does_not_crash_the_server() {
     use std::io::{BufRead, BufReader};
-    let mut server = Command::new(env!("CARGO_BIN_EXE_arbiter"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = spawn_embedded_server();
     {
         let lines = BufReader::new(server.stderr.take().unwrap()).lines();
         for line in lines {

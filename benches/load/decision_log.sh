@@ -14,7 +14,8 @@
 # comparison is fair; CACHE_SIZES runs the whole comparison once per size
 # ("default" = the server's default, 0 = no cache: full Cedar evaluation).
 # Prints req/s, p50 and p99 per mode and the ratios nats/off (goal >= 0.93)
-# and nats-down/off (goal >= 0.85).
+# and nats-down/off (goal >= 0.85); each round also prints the CPU ticks the
+# server and the nats-server process used (they share the machine's cores).
 #
 #   bash benches/load/decision_log.sh
 #
@@ -126,6 +127,8 @@ run_load() { # run_load PORT NAME: sets R_RPS R_P50 R_P99
     function rank(p,   i) { i = int(p * NR); if (i < p * NR) i++; if (i < 1) i = 1; return v[i] }
     END { print rank(0.50), rank(0.99) }')
 }
+# CPU time (user + system, clock ticks) a process has used so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 NATS_PORT=$(free_port)
@@ -153,7 +156,7 @@ MODES=(off nats nats-down)
 SUMMARY=()
 status=0
 for cache in $CACHE_SIZES; do
-  declare -A GRPC=() ADMIN=()
+  declare -A GRPC=() ADMIN=() SERVER_PID=()
   cache_args=()
   [[ $cache != default ]] && cache_args=(--decision-cache-size "$cache")
   for mode in "${MODES[@]}"; do
@@ -163,6 +166,7 @@ for cache in $CACHE_SIZES; do
       --admin-listen "127.0.0.1:${ADMIN[$mode]}" "${cache_args[@]}" \
       >/dev/null 2>"$WORK/arbiter-$mode.log" &
     PIDS+=($!)
+    SERVER_PID[$mode]=$!
   done
   for mode in "${MODES[@]}"; do
     for _ in $(seq 300); do
@@ -176,10 +180,13 @@ for cache in $CACHE_SIZES; do
   declare -A RPS=() P50=() P99=()
   for round in $(seq "$ROUNDS"); do
     for mode in "${MODES[@]}"; do
+      server0=$(cpu_ticks "${SERVER_PID[$mode]}") nats0=$(cpu_ticks "$NATS_PID")
       run_load "${GRPC[$mode]}" "$mode"
+      server_ticks=$(($(cpu_ticks "${SERVER_PID[$mode]}") - server0))
+      nats_ticks=$(($(cpu_ticks "$NATS_PID") - nats0))
       RPS[$mode]+="$R_RPS " P50[$mode]+="$R_P50 " P99[$mode]+="$R_P99 "
-      printf 'cache %-7s round %d  %-9s %9.0f req/s  p50 %6d us  p99 %6d us\n' \
-        "$cache" "$round" "$mode" "$R_RPS" "$R_P50" "$R_P99" >&2
+      printf 'cache %-7s round %d  %-9s %9.0f req/s  p50 %6d us  p99 %6d us  CPU ticks: server %5d, nats-server %5d\n' \
+        "$cache" "$round" "$mode" "$R_RPS" "$R_P50" "$R_P99" "$server_ticks" "$nats_ticks" >&2
     done
   done
   # shellcheck disable=SC2086

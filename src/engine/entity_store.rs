@@ -318,30 +318,7 @@ impl EntityStore {
         roots: impl IntoIterator<Item = EntityUid>,
         overlay: &Entities,
     ) -> Vec<Entity> {
-        let mut seen: HashSet<EntityUid> = HashSet::new();
-        let mut pending: Vec<EntityUid> = roots.into_iter().collect();
-        let mut slice = Vec::new();
-        while let Some(uid) = pending.pop() {
-            if seen.contains(&uid) {
-                continue;
-            }
-            if let Some(entity) = overlay.get(&uid) {
-                let mut out = Vec::new();
-                entity_references(entity, &mut out);
-                out.extend(overlay.ancestors(&uid).into_iter().flatten().cloned());
-                pending.extend(out.into_iter().filter(|uid| !seen.contains(uid)));
-                slice.push(entity.clone());
-            } else if let Some(stored) = self.entities.get(&uid) {
-                for next in stored.parent_uids().chain(stored.references.iter()) {
-                    if !seen.contains(next) {
-                        pending.push(next.clone());
-                    }
-                }
-                slice.push(stored.entity.clone());
-            }
-            seen.insert(uid);
-        }
-        slice
+        self.walk(roots, Some(overlay), |_, _| {})
     }
 }
 
@@ -355,6 +332,20 @@ impl EntityStore {
         roots: impl IntoIterator<Item = EntityUid>,
         looked_up: &mut Vec<(EntityUid, Stamp)>,
     ) -> Vec<Entity> {
+        self.walk(roots, None, |uid, stamp| {
+            looked_up.push((uid.clone(), stamp.unwrap_or(ABSENT)));
+        })
+    }
+
+    /// The one traversal behind both slices: overlay entities first, then
+    /// stored ones; `stored_lookup` sees every uid looked up in the store
+    /// with its stamp (`None`: not there).
+    fn walk(
+        &self,
+        roots: impl IntoIterator<Item = EntityUid>,
+        overlay: Option<&Entities>,
+        mut stored_lookup: impl FnMut(&EntityUid, Option<Stamp>),
+    ) -> Vec<Entity> {
         let mut seen: HashSet<EntityUid> = HashSet::new();
         let mut pending: Vec<EntityUid> = roots.into_iter().collect();
         let mut slice = Vec::new();
@@ -362,17 +353,25 @@ impl EntityStore {
             if seen.contains(&uid) {
                 continue;
             }
-            match self.entities.get(&uid) {
-                Some(stored) => {
+            if let Some(entity) = overlay.and_then(|overlay| overlay.get(&uid)) {
+                let mut out = Vec::new();
+                entity_references(entity, &mut out);
+                if let Some(overlay) = overlay {
+                    out.extend(overlay.ancestors(&uid).into_iter().flatten().cloned());
+                }
+                pending.extend(out.into_iter().filter(|uid| !seen.contains(uid)));
+                slice.push(entity.clone());
+            } else {
+                let stored = self.entities.get(&uid);
+                stored_lookup(&uid, stored.map(|stored| stored.stamp));
+                if let Some(stored) = stored {
                     for next in stored.parent_uids().chain(stored.references.iter()) {
                         if !seen.contains(next) {
                             pending.push(next.clone());
                         }
                     }
                     slice.push(stored.entity.clone());
-                    looked_up.push((uid.clone(), stored.stamp));
                 }
-                None => looked_up.push((uid.clone(), ABSENT)),
             }
             seen.insert(uid);
         }

@@ -597,17 +597,7 @@ impl ExtAuthzService {
                 )),
             );
         }
-        CheckResponse {
-            status: Some(rpc::Status {
-                code: OK,
-                ..Default::default()
-            }),
-            dynamic_metadata: Some(metadata),
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers,
-                ..Default::default()
-            })),
-        }
+        ok_response(metadata, headers)
     }
 
     fn allow_unmatched(&self, id: &str) -> CheckResponse {
@@ -615,17 +605,7 @@ impl ExtAuthzService {
         metadata
             .fields
             .insert("decision_id".into(), string_value(id));
-        CheckResponse {
-            status: Some(rpc::Status {
-                code: OK,
-                ..Default::default()
-            }),
-            dynamic_metadata: Some(metadata),
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers: vec![self.decision_header(id)],
-                ..Default::default()
-            })),
-        }
+        ok_response(metadata, vec![self.decision_header(id)])
     }
 
     fn deny(&self, id: &str, denial: Denial) -> CheckResponse {
@@ -715,6 +695,21 @@ impl Authorization for ExtAuthzService {
         Ok(Response::new(
             self.answer(request.get_ref(), &transport).await,
         ))
+    }
+}
+
+/// An allow: Envoy forwards the request with `headers` added.
+fn ok_response(metadata: Struct, headers: Vec<HeaderValueOption>) -> CheckResponse {
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: OK,
+            ..Default::default()
+        }),
+        dynamic_metadata: Some(metadata),
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+            headers,
+            ..Default::default()
+        })),
     }
 }
 
