@@ -40,27 +40,15 @@ NATS_SINK_EXTRA=${NATS_SINK_EXTRA:-}
 GOAL_NATS=0.93
 GOAL_DOWN=0.85
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
+# shellcheck source=benches/load/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 METHOD=/arbiter.v1.Authorizer/Check
 
-fail() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-missing=()
-command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
+need_tools h2load:nghttp2-client curl:curl
 NATS_SERVER=/usr/sbin/nats-server
-[[ -x $NATS_SERVER ]] || NATS_SERVER=$(command -v nats-server || true)
-[[ -n $NATS_SERVER ]] || missing+=(nats-server)
-if ((${#missing[@]})); then
-  echo "installing ${missing[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  NATS_SERVER=/usr/sbin/nats-server
+if [[ ! -x $NATS_SERVER ]]; then
+  need_tools nats-server:nats-server
+  NATS_SERVER=$(command -v nats-server)
 fi
 
 echo "building (release): arbiter, example grpc_body" >&2
@@ -68,42 +56,7 @@ cargo build --release --quiet --bin arbiter --example grpc_body
 ARBITER=$TARGET/arbiter
 BODYTOOL=$TARGET/examples/grpc_body
 
-WORK=$(mktemp -d)
-PIDS=()
-stop_all() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  PIDS=()
-}
-cleanup() {
-  stop_all
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-USED_PORTS=" "
-free_port() {
-  local port
-  while :; do
-    port=$((30000 + RANDOM % 30000))
-    [[ $USED_PORTS == *" $port "* ]] && continue
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      USED_PORTS+="$port "
-      echo "$port"
-      return
-    fi
-  done
-}
-while read -r name; do unset "$name"; done < <(compgen -e | grep '^ARBITER_' || true)
+clear_arbiter_env
 
 BODY=$WORK/check_request.bin
 "$BODYTOOL" encode "$BODY"
@@ -127,15 +80,13 @@ run_load() { # run_load PORT NAME: sets R_RPS R_P50 R_P99
     function rank(p,   i) { i = int(p * NR); if (i < p * NR) i++; if (i < 1) i = 1; return v[i] }
     END { print rank(0.50), rank(0.99) }')
 }
-# CPU time (user + system, clock ticks) a process has used so far.
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-NATS_PORT=$(free_port)
-DEAD_PORT=$(free_port)
+take_port NATS_PORT
+take_port DEAD_PORT
 mkdir -p "$WORK/nats"
 "$NATS_SERVER" -js -sd "$WORK/nats" -p "$NATS_PORT" -a 127.0.0.1 >"$WORK/nats.log" 2>&1 &
 NATS_PID=$!
+LONG_PIDS+=("$NATS_PID")
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
 
 config() { # config MODE -> TOML path
@@ -160,8 +111,8 @@ for cache in $CACHE_SIZES; do
   cache_args=()
   [[ $cache != default ]] && cache_args=(--decision-cache-size "$cache")
   for mode in "${MODES[@]}"; do
-    GRPC[$mode]=$(free_port)
-    ADMIN[$mode]=$(free_port)
+    take_port "GRPC[$mode]"
+    take_port "ADMIN[$mode]"
     "$ARBITER" serve --config "$(config "$mode")" --listen "127.0.0.1:${GRPC[$mode]}" \
       --admin-listen "127.0.0.1:${ADMIN[$mode]}" "${cache_args[@]}" \
       >/dev/null 2>"$WORK/arbiter-$mode.log" &
@@ -169,12 +120,7 @@ for cache in $CACHE_SIZES; do
     SERVER_PID[$mode]=$!
   done
   for mode in "${MODES[@]}"; do
-    for _ in $(seq 300); do
-      curl -fsS -o /dev/null "http://127.0.0.1:${ADMIN[$mode]}/ready" 2>/dev/null && break
-      sleep 0.1
-    done
-    curl -fsS -o /dev/null "http://127.0.0.1:${ADMIN[$mode]}/ready" ||
-      { cat "$WORK/arbiter-$mode.log" >&2; fail "arbiter ($mode) is not ready"; }
+    wait_ready "${ADMIN[$mode]}" "${SERVER_PID[$mode]}" "$WORK/arbiter-$mode.log"
   done
   echo "cache $cache: h2load -D ${DURATION}s (+${WARMUP}s) -c $CLIENTS -m $STREAMS; $ROUNDS rounds of ${MODES[*]}; $(nproc) cores" >&2
   declare -A RPS=() P50=() P99=()
@@ -216,10 +162,11 @@ for cache in $CACHE_SIZES; do
       fi
     fi
   done
-  stop_all
+  stop_pids "${PIDS[@]}"
+  PIDS=()
 done
-kill -TERM "$NATS_PID" 2>/dev/null || true
-wait "$NATS_PID" 2>/dev/null || true
+stop_pids "$NATS_PID"
+LONG_PIDS=()
 echo
 printf '%s\n' "${SUMMARY[@]}"
 [[ $STRICT == 1 ]] && exit "$status"

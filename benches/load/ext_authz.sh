@@ -31,29 +31,12 @@ THREADS=${THREADS:-1}
 GOAL=${GOAL:-0.8}
 STRICT=${STRICT:-0}
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
+# shellcheck source=benches/load/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 OWN_METHOD=/arbiter.v1.Authorizer/Check
 EXT_METHOD=/envoy.service.auth.v3.Authorization/Check
 
-fail() {
-  echo "error: $*" >&2
-  exit 2
-}
-not_ok() {
-  echo "FAIL: $*" >&2
-  exit 1
-}
-
-missing=()
-command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-if ((${#missing[@]})); then
-  echo "installing ${missing[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+need_tools h2load:nghttp2-client curl:curl
 
 echo "building (release): arbiter, examples grpc_body and ext_authz_body" >&2
 cargo build --release --quiet --bin arbiter --example grpc_body --example ext_authz_body
@@ -64,36 +47,8 @@ for binary in "$ARBITER" "$BODYTOOL" "$EXTTOOL"; do
   [[ -x $binary ]] || fail "$binary was not built"
 done
 
-WORK=$(mktemp -d)
-PID=
-cleanup() {
-  if [[ -n $PID ]]; then
-    kill -TERM "$PID" 2>/dev/null || true
-    for _ in $(seq 50); do
-      kill -0 "$PID" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-  local port
-  while :; do
-    port=$((30000 + RANDOM % 30000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "$port"
-      return
-    fi
-  done
-}
-PORT=$(free_port)
-ADMIN_PORT=$(free_port)
-[[ $PORT != "$ADMIN_PORT" ]] || ADMIN_PORT=$(free_port)
+take_port PORT
+take_port ADMIN_PORT
 
 # The deployed example mapping, keys from the test fixtures, no Unix socket.
 CONFIG=$WORK/arbiter.toml
@@ -102,24 +57,18 @@ sed -e "s|^jwks_url = .*|jwks_file = \"$ROOT/tests/fixtures/jwt/jwks-a.json\"|" 
   deploy/arbiter/ext-authz.toml >"$CONFIG"
 
 EXTRA_ARGS=${ARBITER_EXTRA_ARGS:-}
-while read -r name; do unset "$name"; done < <(compgen -e | grep '^ARBITER_' || true)
+clear_arbiter_env
 # shellcheck disable=SC2086 # extra flags are meant to split
 "$ARBITER" serve --config "$CONFIG" --listen "127.0.0.1:$PORT" \
   --admin-listen "127.0.0.1:$ADMIN_PORT" ${EXTRA_ARGS} >"$WORK/arbiter.log" 2>&1 &
-PID=$!
+PIDS+=($!)
 
 OWN_BODY=$WORK/own.bin
 EXT_BODY=$WORK/ext.bin
 "$BODYTOOL" encode "$OWN_BODY"
 "$EXTTOOL" encode "$EXT_BODY" tests/fixtures/jwt/rsa-1.pem
 
-for _ in $(seq 300); do
-  curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/ready" 2>/dev/null && break
-  kill -0 "$PID" 2>/dev/null || { cat "$WORK/arbiter.log" >&2; fail "arbiter exited"; }
-  sleep 0.1
-done
-curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/ready" ||
-  { cat "$WORK/arbiter.log" >&2; fail "arbiter is not ready after 30 s"; }
+wait_ready "$ADMIN_PORT" "${PIDS[0]}" "$WORK/arbiter.log"
 
 verify() {
   local name=$1 method=$2 body=$3 tool=$4
@@ -183,7 +132,6 @@ checked_load() {
   fi
 }
 
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 echo "load: h2load -D ${DURATION}s (+${WARMUP}s warm-up) -c $CLIENTS -m $STREAMS -t $THREADS" \
   "= $((CLIENTS * STREAMS)) concurrent streams; $ROUNDS rounds alternating own-API, ext_authz;" \

@@ -18,37 +18,13 @@
 set -euo pipefail
 
 N=${N:-4000}
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
-
-missing=()
-command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
-command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-if ((${#missing[@]})); then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# shellcheck source=benches/load/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+need_tools h2load:nghttp2-client valgrind:valgrind curl:curl
 cargo build --release --quiet --bin arbiter --example grpc_body --example ext_authz_body
 
-WORK=$(mktemp -d)
-VPID=
-cleanup() {
-  [[ -n $VPID ]] && kill "$VPID" 2>/dev/null && wait "$VPID" 2>/dev/null
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() {
-  local port
-  while :; do
-    port=$((30000 + RANDOM % 30000))
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
-  done
-}
-PORT=$(free_port)
-ADMIN=$(free_port)
+take_port PORT
+take_port ADMIN
 sed -e "s|^jwks_url = .*|jwks_file = \"$ROOT/tests/fixtures/jwt/jwks-a.json\"|" \
   -e '/^listen_uds = /d' -e '/^uds_mode = /d' -e '/^listen = /d' \
   deploy/arbiter/ext-authz.toml >"$WORK/arbiter.toml"
@@ -56,16 +32,18 @@ sed -e "s|^jwks_url = .*|jwks_file = \"$ROOT/tests/fixtures/jwt/jwks-a.json\"|" 
 "$TARGET/examples/grpc_body" encode "$WORK/own.bin" >/dev/null
 "$TARGET/examples/ext_authz_body" encode "$WORK/ext.bin" tests/fixtures/jwt/rsa-1.pem >/dev/null
 
-while read -r name; do unset "$name"; done < <(compgen -e | grep '^ARBITER_' || true)
+clear_arbiter_env
 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
   "$TARGET/arbiter" serve --config "$WORK/arbiter.toml" --listen "127.0.0.1:$PORT" \
   --admin-listen "127.0.0.1:$ADMIN" >"$WORK/stdout.log" 2>"$WORK/stderr.log" &
 VPID=$!
+PIDS+=("$VPID")
+# Under valgrind the server starts slowly: wait up to 2 minutes.
 for _ in $(seq 600); do
   curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN/ready" 2>/dev/null && break
   sleep 0.2
 done
-curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN/ready" || { cat "$WORK/stderr.log" >&2; exit 2; }
+curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN/ready" || { cat "$WORK/stderr.log" >&2; fail "not ready"; }
 
 declare -A PER=()
 for api in own ext_authz; do

@@ -30,29 +30,11 @@ THREADS=${THREADS:-1}
 GOAL=${GOAL:-0.6}
 STRICT=${STRICT:-0}
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
+# shellcheck source=benches/load/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 METHOD=/arbiter.v1.Authorizer/Check
 
-fail() {
-  echo "error: $*" >&2
-  exit 2
-}
-not_ok() {
-  echo "FAIL: $*" >&2
-  exit 1
-}
-
-# --- tools -------------------------------------------------------------------
-missing=()
-command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-if ((${#missing[@]})); then
-  echo "installing ${missing[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+need_tools h2load:nghttp2-client curl:curl
 
 # --- build -------------------------------------------------------------------
 echo "building (release): arbiter, examples empty_authorizer and grpc_body" >&2
@@ -65,48 +47,12 @@ for binary in "$ARBITER" "$EMPTY" "$BODYTOOL"; do
 done
 
 # --- servers -----------------------------------------------------------------
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-USED_PORTS=" "
-free_port() {
-  local port
-  while :; do
-    port=$((30000 + RANDOM % 30000))
-    [[ $USED_PORTS == *" $port "* ]] && continue
-    # A port nobody accepts on is free (good enough on a dev machine).
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "$port"
-      return
-    fi
-  done
-}
-EMPTY_PORT=$(free_port)
-USED_PORTS+="$EMPTY_PORT "
-ARBITER_PORT=$(free_port)
-USED_PORTS+="$ARBITER_PORT "
-ADMIN_PORT=$(free_port)
+take_port EMPTY_PORT
+take_port ARBITER_PORT
+take_port ADMIN_PORT
 
 EXTRA_ARGS=${ARBITER_EXTRA_ARGS:-}
-# Only the flags below configure the server: no stray ARBITER_* settings.
-while read -r name; do unset "$name"; done < <(compgen -e | grep '^ARBITER_' || true)
+clear_arbiter_env
 
 "$EMPTY" "127.0.0.1:$EMPTY_PORT" >"$WORK/empty.log" 2>&1 &
 PIDS+=($!)
@@ -128,13 +74,7 @@ grpc_call() {
     "http://127.0.0.1:$port$METHOD"
 }
 
-for _ in $(seq 300); do
-  curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/ready" 2>/dev/null && break
-  kill -0 "${PIDS[1]}" 2>/dev/null || { cat "$WORK/arbiter.log" >&2; fail "arbiter exited"; }
-  sleep 0.1
-done
-curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/ready" ||
-  { cat "$WORK/arbiter.log" >&2; fail "arbiter is not ready after 30 s"; }
+wait_ready "$ADMIN_PORT" "${PIDS[1]}" "$WORK/arbiter.log"
 for _ in $(seq 100); do
   grpc_call "$EMPTY_PORT" empty 2>/dev/null && break
   kill -0 "${PIDS[0]}" 2>/dev/null || { cat "$WORK/empty.log" >&2; fail "empty server exited"; }
@@ -199,7 +139,6 @@ run_load() {
   R_RPS=$rps R_P50=$p50 R_P99=$p99 R_SUCCEEDED=$succeeded
 }
 
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 echo "load: h2load -D ${DURATION}s (+${WARMUP}s warm-up) -c $CLIENTS -m $STREAMS -t $THREADS" \
   "= $((CLIENTS * STREAMS)) concurrent streams; $ROUNDS rounds alternating empty, arbiter;" \
