@@ -653,8 +653,8 @@ mod tests {
             assert_eq!(record["context"], expected, "{context}");
         }
         assert_eq!(
-            super::super::redact::clean_json_line("{\"q\": \"a b\\\" c\",\n \"n\": [ 1 ]}"),
-            Some(br#"{"q":"a b\" c","n":[1]}"#.to_vec())
+            super::super::redact::clean_json_line("{\"q\": \"a longer b\\\" c\",\n \"n\": [ 1 ]}"),
+            Some(br#"{"q":"a longer b\" c","n":[1]}"#.to_vec())
         );
     }
 

@@ -27,7 +27,7 @@ use cedar_policy::{
 pub use decision::{Decision, PolicyEvaluationError, SliceUse};
 pub use error::{LoadDiagnostic, LoadError, RequestError, RequestField};
 pub use loader::{LoadOptions, LoadReport, OnEvaluationError, Sources};
-pub use request_entities::{EntityMerge, EntityRef, RequestEntities};
+pub use request_entities::{EntityMerge, EntityRef, RequestEntities, SealedMerge};
 pub use snapshot::{EntityData, PolicySnapshot, Snapshot};
 
 use snapshot::collect_uids;
@@ -221,8 +221,11 @@ impl Engine {
             match scope {
                 None => Some(key),
                 Some(scope) => {
-                    let canonical = scope.canonical()?;
-                    Some(format!("{key}|{}:{canonical}", canonical.len()).into_boxed_str())
+                    let mut key = String::from(key);
+                    key.reserve(scope.canonical_len() + 1);
+                    key.push('|');
+                    scope.push_canonical(&mut key);
+                    Some(key.into_boxed_str())
                 }
             }
         });
@@ -511,7 +514,7 @@ fn merge_request_entities(
     schema: Option<&Schema>,
 ) -> Result<Entities, RequestError> {
     let mut entities: Vec<Entity> = overlay.into_iter().collect();
-    for merge in &scope.merges {
+    for merge in scope.merges() {
         let uid = parse_uid(
             Some(UidInput {
                 type_name: &merge.uid.type_name,

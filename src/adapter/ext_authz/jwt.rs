@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -24,6 +24,8 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, P
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
+
+use super::mapping::{ClaimsMapping, MappingError};
 
 fn default_leeway() -> u64 {
     60
@@ -151,6 +153,11 @@ pub struct VerifiedToken {
     pub claims: Value,
     /// `exp` plus leeway, seconds since the Unix epoch.
     valid_until: u64,
+    /// What the service's mapping makes of the claims (principal, its
+    /// request-scoped attributes and parents, claim context fields), worked
+    /// out at the first request with this token: claims and mapping are
+    /// fixed for the token's life, and a client reuses its token.
+    pub(crate) mapped: OnceLock<Result<Arc<ClaimsMapping>, MappingError>>,
 }
 
 struct UntilExp;
@@ -178,7 +185,8 @@ fn now_secs() -> u64 {
 pub struct JwtVerifier {
     config: JwtConfig,
     keys: ArcSwap<KeySet>,
-    tokens: moka::sync::Cache<Box<str>, Arc<VerifiedToken>>,
+    /// foldhash: a token is ~1 KB, hashed on every request.
+    tokens: moka::sync::Cache<Box<str>, Arc<VerifiedToken>, foldhash::fast::RandomState>,
     /// When keys were last fetched: one fetch at a time.
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     client: Option<reqwest::Client>,
@@ -222,7 +230,7 @@ impl JwtVerifier {
             tokens: moka::sync::Cache::builder()
                 .max_capacity(config.token_cache_size)
                 .expire_after(UntilExp)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             last_fetch: tokio::sync::Mutex::new(None),
             client,
         };
@@ -357,6 +365,7 @@ impl JwtVerifier {
         let verified = Arc::new(VerifiedToken {
             claims: data.claims,
             valid_until: exp.saturating_add(self.config.leeway_secs),
+            mapped: OnceLock::new(),
         });
         self.tokens.insert(token.into(), verified.clone());
         Ok(verified)

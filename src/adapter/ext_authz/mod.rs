@@ -47,7 +47,7 @@ pub use mapping::{ExtAuthzConfig, Mapping, MappingConfigError, MappingError, nor
 use crate::decision_log::{Caller, DecisionEvent, DecisionLogger, Transport, Uid};
 use crate::engine::{CheckInput, Decision, Engine, EntityRef, RequestEntities, UidInput};
 use crate::telemetry::DecisionMetrics;
-use mapping::{PrincipalSource, RequestFacts, Unmatched};
+use mapping::{ClaimsMapping, PrincipalSource, RequestFacts, Unmatched};
 
 /// The gRPC service name, for health checks.
 pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
@@ -109,18 +109,8 @@ impl ExtAuthzConfig {
 /// The principal of one request.
 struct Principal {
     uid: EntityRef,
-    claims: Option<Arc<jwt::VerifiedToken>>,
-    scope: Option<crate::engine::EntityMerge>,
-    metadata_claims: Option<Value>,
-}
-
-impl Principal {
-    fn claims(&self) -> Option<&Value> {
-        self.claims
-            .as_ref()
-            .map(|token| &token.claims)
-            .or(self.metadata_claims.as_ref())
-    }
+    /// What its claims mapped to, when it came from a JWT.
+    claims: Option<Arc<ClaimsMapping>>,
 }
 
 /// What one ext_authz call decided, with what the decision log needs:
@@ -425,16 +415,14 @@ impl ExtAuthzService {
                 || http.scheme.eq_ignore_ascii_case("https"),
             headers: Some(headers),
             query: &target.query,
-            claims: principal.claims(),
+            claims: principal.claims.as_deref(),
         };
-        let context = mapping.context(&facts)?.to_string();
+        let context = mapping.context(&facts)?;
         let mut scope = RequestEntities::default();
-        if let Some(merge) = principal.scope.filter(|merge| !merge.is_empty()) {
-            scope.merges.push(merge);
+        if let Some(claims) = &principal.claims {
+            scope.push_sealed(claims.merge.clone());
         }
-        if !resource_merge.is_empty() {
-            scope.merges.push(resource_merge);
-        }
+        scope.push(resource_merge);
         let input = CheckInput {
             principal: Some(UidInput {
                 type_name: &principal.uid.type_name,
@@ -482,8 +470,6 @@ impl ExtAuthzService {
         let plain = |id: &str| Principal {
             uid: EntityRef::new(config.entity_type.clone(), id),
             claims: None,
-            scope: None,
-            metadata_claims: None,
         };
         match config.source {
             PrincipalSource::Mtls => {
@@ -526,12 +512,10 @@ impl ExtAuthzService {
                             config.metadata_key, config.metadata_filter
                         ))
                     })?;
-                let (uid, merge) = mapping.principal_from_claims(&claims)?;
+                let mapped = Arc::new(mapping.map_claims(&claims)?);
                 Ok(Principal {
-                    uid,
-                    claims: None,
-                    scope: Some(merge),
-                    metadata_claims: Some(claims),
+                    uid: mapped.uid.clone(),
+                    claims: Some(mapped),
                 })
             }
             PrincipalSource::Jwt => {
@@ -551,12 +535,14 @@ impl ExtAuthzService {
                     .verify(token)
                     .await
                     .map_err(|error| MappingError::InvalidCredentials(error.to_string()))?;
-                let (uid, merge) = mapping.principal_from_claims(&verified.claims)?;
+                // Mapped once per cached token.
+                let mapped = verified
+                    .mapped
+                    .get_or_init(|| mapping.map_claims(&verified.claims).map(Arc::new))
+                    .clone()?;
                 Ok(Principal {
-                    uid,
-                    claims: Some(verified),
-                    scope: Some(merge),
-                    metadata_claims: None,
+                    uid: mapped.uid.clone(),
+                    claims: Some(mapped),
                 })
             }
         }
