@@ -173,8 +173,8 @@ impl CleanScan<'_> {
         }
         self.skip_space();
         match self.peek()? {
-            b'{' => self.object(depth),
-            b'[' => self.array(depth),
+            b'{' => self.container(depth, b'}'),
+            b'[' => self.container(depth, b']'),
             b'"' => {
                 let text = self.string(false)?;
                 (!is_credential_value(text)).then_some(())
@@ -187,67 +187,40 @@ impl CleanScan<'_> {
         }
     }
 
-    fn object(&mut self, depth: usize) -> Option<()> {
+    /// Copies one structural byte.
+    fn copy(&mut self, byte: u8) {
         self.at += 1;
-        self.out.push(b'{');
-        self.skip_space();
-        if self.peek()? == b'}' {
-            self.at += 1;
-            self.out.push(b'}');
-            return Some(());
-        }
-        loop {
-            self.skip_space();
-            if self.peek()? != b'"' {
-                return None;
-            }
-            let key = self.string(true)?;
-            if is_secret_key(key) {
-                return None;
-            }
-            self.skip_space();
-            if self.peek()? != b':' {
-                return None;
-            }
-            self.at += 1;
-            self.out.push(b':');
-            self.value(depth + 1)?;
-            self.skip_space();
-            match self.peek()? {
-                b',' => {
-                    self.at += 1;
-                    self.out.push(b',');
-                }
-                b'}' => {
-                    self.at += 1;
-                    self.out.push(b'}');
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
+        self.out.push(byte);
     }
 
-    fn array(&mut self, depth: usize) -> Option<()> {
-        self.at += 1;
-        self.out.push(b'[');
+    /// An object (`close` = `}`: members are `"key": value`, and a key
+    /// must not name a secret) or an array (`close` = `]`).
+    fn container(&mut self, depth: usize, close: u8) -> Option<()> {
+        let open = self.peek()?;
+        self.copy(open);
         self.skip_space();
-        if self.peek()? == b']' {
-            self.at += 1;
-            self.out.push(b']');
+        if self.peek()? == close {
+            self.copy(close);
             return Some(());
         }
         loop {
+            if close == b'}' {
+                self.skip_space();
+                if self.peek()? != b'"' || is_secret_key(self.string(true)?) {
+                    return None;
+                }
+                self.skip_space();
+                if self.peek()? != b':' {
+                    return None;
+                }
+                self.copy(b':');
+            }
             self.value(depth + 1)?;
             self.skip_space();
             match self.peek()? {
-                b',' => {
-                    self.at += 1;
-                    self.out.push(b',');
-                }
-                b']' => {
-                    self.at += 1;
-                    self.out.push(b']');
+                b',' => self.copy(b','),
+                byte if byte == close => {
+                    self.copy(close);
                     return Some(());
                 }
                 _ => return None,
