@@ -466,11 +466,12 @@ impl Writer {
             self.drops.add(reason::SPOOL_FULL, 1);
             return;
         }
-        self.spool.push(id, &payload);
-        self.spooled.increment(1);
+        let payload = Bytes::from(payload);
         if self.tail.receiver_count() > 0 {
-            let _ = self.tail.send(Bytes::from(payload));
+            let _ = self.tail.send(payload.clone());
         }
+        self.spool.push(id, payload);
+        self.spooled.increment(1);
     }
 
     /// Applies the overflow policy; true when the record now fits.
@@ -649,5 +650,6 @@ fn placeholder() -> SpoolShared {
         floor: AtomicU64::new(0),
         cursors: Vec::new(),
         bytes: AtomicU64::new(0),
+        recent: std::sync::Mutex::new(Default::default()),
     }
 }
