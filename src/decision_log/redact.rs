@@ -122,6 +122,7 @@ impl Redactor {
 /// instructions per record.
 pub fn clean_json_line(json: &str) -> Option<Vec<u8>> {
     let mut scanner = CleanScan {
+        text: json,
         bytes: json.as_bytes(),
         at: 0,
         out: Vec::with_capacity(json.len()),
@@ -143,6 +144,7 @@ const MAX_DEPTH: usize = 127;
 /// which is exact. It replaced a `serde_json` visitor pass: ~1,900
 /// instructions per own-API record, ~3,800 per ext_authz record (callgrind).
 struct CleanScan<'a> {
+    text: &'a str,
     bytes: &'a [u8],
     at: usize,
     out: Vec<u8>,
@@ -236,6 +238,12 @@ impl CleanScan<'_> {
         let start = self.at + 1;
         let mut end = start;
         loop {
+            // Plain bytes in one tight scan; stop at what needs a look.
+            end += self
+                .bytes
+                .get(end..)?
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
             match *self.bytes.get(end)? {
                 b'"' => break,
                 b'\\' => {
@@ -247,15 +255,15 @@ impl CleanScan<'_> {
                         _ => return None,
                     }
                 }
-                0..=0x1f => return None,
-                _ => end += 1,
+                _ => return None,
             }
         }
         let raw = self.bytes.get(self.at..=end)?;
         self.out.extend_from_slice(raw);
         self.at = end + 1;
-        // Quotes and backslashes are ASCII, so the cut is on char boundaries.
-        std::str::from_utf8(self.bytes.get(start..end)?).ok()
+        // Quotes and backslashes are ASCII, so the cut is on char
+        // boundaries: a slice of the text, no second UTF-8 check.
+        self.text.get(start..end)
     }
 
     /// JSON's number grammar; an exponent or more than 15 digits goes to

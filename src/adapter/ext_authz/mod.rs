@@ -574,13 +574,19 @@ impl ExtAuthzService {
             },
         );
         if let Some(principal) = principal {
+            // `Type::"id"`, without the formatting machinery (~1,200
+            // instructions per allow, callgrind).
+            let mut text =
+                String::with_capacity(principal.type_name.len() + principal.id.len() + 4);
+            text.push_str(&principal.type_name);
+            text.push_str("::\"");
+            text.extend(principal.id.escape_default());
+            text.push('"');
             metadata.fields.insert(
                 "principal".into(),
-                string_value(&format!(
-                    "{}::\"{}\"",
-                    principal.type_name,
-                    principal.id.escape_default()
-                )),
+                PbValue {
+                    kind: Some(Kind::StringValue(text)),
+                },
             );
         }
         ok_response(metadata, headers)
