@@ -676,7 +676,10 @@ impl SpoolReader {
         let skip = usize::try_from(self.next.checked_sub(first)?).ok()?;
         let mut out = Vec::new();
         let mut last = None;
-        for recent in recent.frames.iter().skip(skip).take(max) {
+        // `range` starts there at once (a reader a few thousand frames
+        // behind would otherwise walk them on every batch).
+        let skip = skip.min(recent.frames.len());
+        for recent in recent.frames.range(skip..).take(max) {
             if recent.frame.seq >= written {
                 break;
             }
