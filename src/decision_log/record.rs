@@ -266,20 +266,8 @@ fn socket_address(address: SocketAddr) -> String {
     }
 }
 
-fn push_u64(out: &mut Vec<u8>, mut value: u64) {
-    let mut buffer = [0u8; 20];
-    let mut at = buffer.len();
-    loop {
-        at -= 1;
-        if let Some(slot) = buffer.get_mut(at) {
-            *slot = b'0' + (value % 10) as u8;
-        }
-        value /= 10;
-        if value == 0 || at == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(buffer.get(at..).unwrap_or_default());
+fn push_u64(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 /// The redacted JSON line of `event` (no trailing newline).

@@ -27,9 +27,10 @@ pub(crate) const MAX_KEY_BYTES: usize = 1024;
 #[derive(Debug)]
 pub(crate) struct DecisionCache {
     /// foldhash, not SipHash: keys are up to a KiB of request text, hashed
-    /// on every decision (SipHash was ~2,000 instructions of an ext_authz
-    /// hit, callgrind); foldhash's per-cache random seed still keeps a
-    /// caller from choosing colliding keys in advance.
+    /// on every decision (with the token cache, an ext_authz request's two
+    /// lookups went from ~4,400 to ~1,400 instructions, callgrind);
+    /// foldhash's per-cache random seed still keeps a caller from choosing
+    /// colliding keys in advance.
     entries: moka::sync::Cache<Box<str>, Arc<CachedOutcome>, foldhash::fast::RandomState>,
 }
 

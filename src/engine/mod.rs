@@ -222,7 +222,6 @@ impl Engine {
                 None => Some(key),
                 Some(scope) => {
                     let mut key = String::from(key);
-                    key.reserve(scope.canonical_len() + 1);
                     key.push('|');
                     scope.push_canonical(&mut key);
                     Some(key.into_boxed_str())

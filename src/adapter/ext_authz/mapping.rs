@@ -555,12 +555,12 @@ impl Mapping {
                     "`value` is required for source value",
                 ));
             }
+            let mut name_json = String::new();
+            push_json_string(&mut name_json, &field.name);
+            name_json.push(':');
             context.push(ContextField {
                 name: field.name.clone(),
-                name_json: format!(
-                    "{}:",
-                    serde_json::to_string(&field.name).unwrap_or_default()
-                ),
+                name_json,
                 source: field.from,
                 // Envoy hands headers over lower-cased.
                 key: if field.from == ContextSource::Header {
