@@ -68,7 +68,7 @@ fn entity(
     attrs: HashMap<String, RestrictedExpression>,
 ) -> StoredEntity {
     let entity = Entity::new(uid, attrs, parents.iter().cloned().collect::<HashSet<_>>()).unwrap();
-    StoredEntity::new(entity, parents)
+    StoredEntity::from_entity(&entity, parents).unwrap()
 }
 
 fn user(n: usize, clearance: i64) -> StoredEntity {

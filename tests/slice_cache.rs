@@ -31,7 +31,7 @@ fn uid(type_name: &str, id: &str) -> EntityUid {
 fn group(id: &str, parents: &[&str]) -> StoredEntity {
     let parents: Vec<EntityUid> = parents.iter().map(|p| uid("Group", p)).collect();
     let entity = Entity::new_no_attrs(uid("Group", id), parents.iter().cloned().collect());
-    StoredEntity::new(entity, parents)
+    StoredEntity::from_entity(&entity, parents).unwrap()
 }
 
 fn user(id: &str, groups: &[&str], clearance: i64, manager: Option<&str>) -> StoredEntity {
@@ -53,7 +53,7 @@ fn user(id: &str, groups: &[&str], clearance: i64, manager: Option<&str>) -> Sto
         );
     }
     let entity = Entity::new(uid("User", id), attrs, parents.iter().cloned().collect()).unwrap();
-    StoredEntity::new(entity, parents)
+    StoredEntity::from_entity(&entity, parents).unwrap()
 }
 
 fn doc(id: &str, owner: &str) -> StoredEntity {
@@ -62,7 +62,7 @@ fn doc(id: &str, owner: &str) -> StoredEntity {
         RestrictedExpression::new_entity_uid(uid("User", owner)),
     )]);
     let entity = Entity::new(uid("Doc", id), attrs, Default::default()).unwrap();
-    StoredEntity::new(entity, Vec::new())
+    StoredEntity::from_entity(&entity, Vec::new()).unwrap()
 }
 
 fn engine(slice_cache_capacity: u64, store: &EntityStore) -> Engine {

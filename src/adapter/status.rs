@@ -11,6 +11,7 @@ pub fn request_error(error: &RequestError) -> Status {
     match error {
         RequestError::Invalid { .. } => Status::invalid_argument(error.to_string()),
         RequestError::NotReady => Status::unavailable(error.to_string()),
+        RequestError::Internal(_) => Status::internal(error.to_string()),
     }
 }
 
@@ -21,6 +22,7 @@ pub fn batch_item_error(index: usize, error: &RequestError) -> Status {
             Status::invalid_argument(format!("checks[{index}]: {error}"))
         }
         RequestError::NotReady => Status::unavailable(error.to_string()),
+        RequestError::Internal(_) => Status::internal(format!("checks[{index}]: {error}")),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Arbiter's own entity store for data kept in sync with an identity source
 //! (Postgres, SCIM): a persistent (structurally shared) map from uid to
-//! entity with its direct parents and the entities its attributes reference.
+//! entity with its direct parents, in a compact form of its own.
 //!
 //! Why not one Cedar `Entities`: Cedar recomputes the transitive closure of
 //! the whole store on every change, so one change costs in proportion to the
@@ -11,6 +11,14 @@
 //! dozen lookups for users in a few nested groups) and hands that slice to
 //! Cedar, so moving a group never fans out to its descendants.
 //!
+//! Why not Cedar's `Entity` as the stored value: it holds each attribute in
+//! a `BTreeMap` node sized for eleven and each parent as a full uid in a
+//! hash set, about 5.8 KB for a user with 3 attributes and 10 groups (see
+//! README). A [`StoredEntity`] holds its attributes in one boxed slice of
+//! [`StoredValue`]s and its parents as pointers to the parents' own uids;
+//! the Cedar entity is built from it when a slice is built
+//! ([`StoredEntity::to_entity`]), which the slice cache amortises.
+//!
 //! Invariants (kept by [`EntityStore::upsert`]): every parent of a stored
 //! entity was stored when the edge was added, and the parent graph has no
 //! cycle.
@@ -19,20 +27,119 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cedar_policy::{Entities, Entity, EntityUid};
+use cedar_policy::{Entities, Entity, EntityUid, EvalResult, RestrictedExpression};
 
 use super::snapshot::entity_references;
+use smol_str::SmolStr;
 
-/// One entity as stored: Cedar's entity (attributes already evaluated) and
-/// the edges a slice follows.
+/// An attribute or tag value as stored: Cedar's values, compactly. Short
+/// strings and names (up to 23 bytes) sit inline, without an allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredValue {
+    Bool(bool),
+    Long(i64),
+    String(SmolStr),
+    Entity(Box<EntityUid>),
+    Set(Box<[StoredValue]>),
+    /// Fields in name order (as Cedar's record keeps them).
+    Record(Box<[(SmolStr, StoredValue)]>),
+    /// An extension value as Cedar writes it, e.g. `ip("10.0.0.1")`; Cedar
+    /// guarantees the text parses back to the same value.
+    Extension(Box<str>),
+}
+
+impl StoredValue {
+    fn from_eval(value: EvalResult) -> Self {
+        match value {
+            EvalResult::Bool(value) => StoredValue::Bool(value),
+            EvalResult::Long(value) => StoredValue::Long(value),
+            EvalResult::String(value) => StoredValue::String(SmolStr::from(value)),
+            EvalResult::EntityUid(uid) => StoredValue::Entity(Box::new(uid)),
+            EvalResult::Set(set) => {
+                StoredValue::Set(set.iter().cloned().map(StoredValue::from_eval).collect())
+            }
+            EvalResult::Record(record) => StoredValue::Record(
+                record
+                    .iter()
+                    .map(|(name, value)| {
+                        (SmolStr::from(name), StoredValue::from_eval(value.clone()))
+                    })
+                    .collect(),
+            ),
+            EvalResult::ExtensionValue(text) => StoredValue::Extension(text.into_boxed_str()),
+        }
+    }
+
+    fn to_expression(&self) -> Result<RestrictedExpression, MaterializeError> {
+        Ok(match self {
+            StoredValue::Bool(value) => RestrictedExpression::new_bool(*value),
+            StoredValue::Long(value) => RestrictedExpression::new_long(*value),
+            StoredValue::String(value) => RestrictedExpression::new_string(value.to_string()),
+            StoredValue::Entity(uid) => RestrictedExpression::new_entity_uid((**uid).clone()),
+            StoredValue::Set(items) => RestrictedExpression::new_set(
+                items
+                    .iter()
+                    .map(StoredValue::to_expression)
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            StoredValue::Record(fields) => RestrictedExpression::new_record(
+                fields
+                    .iter()
+                    .map(|(name, value)| Ok((name.to_string(), value.to_expression()?)))
+                    .collect::<Result<Vec<_>, MaterializeError>>()?,
+            )
+            .map_err(|error| MaterializeError(error.to_string()))?,
+            StoredValue::Extension(text) => {
+                text.parse()
+                    .map_err(|error: cedar_policy::RestrictedExpressionParseError| {
+                        MaterializeError(error.to_string())
+                    })?
+            }
+        })
+    }
+
+    /// Every entity uid inside the value (sets and records included).
+    fn references<'a>(&'a self, out: &mut impl FnMut(&'a EntityUid)) {
+        match self {
+            StoredValue::Entity(uid) => out(uid),
+            StoredValue::Set(items) => items.iter().for_each(|item| item.references(out)),
+            StoredValue::Record(fields) => {
+                fields.iter().for_each(|(_, item)| item.references(out));
+            }
+            StoredValue::Bool(_)
+            | StoredValue::Long(_)
+            | StoredValue::String(_)
+            | StoredValue::Extension(_) => {}
+        }
+    }
+}
+
+/// A stored entity that Cedar refused to rebuild. Its values came from a
+/// Cedar entity, so this is not expected; a decision that meets it fails
+/// closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stored entity could not be rebuilt for Cedar: {0}")]
+pub struct MaterializeError(String);
+
+/// An entity that cannot be stored: an attribute or tag that is not a
+/// value (a residual of partial evaluation).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("attribute or tag `{name}` is not a value: {message}")]
+pub struct NotAValue {
+    pub name: String,
+    pub message: String,
+}
+
+/// One entity as stored: its uid (shared with the map's key), attributes,
+/// tags and direct parents.
 #[derive(Debug, Clone)]
 pub struct StoredEntity {
-    pub entity: Entity,
+    uid: Arc<EntityUid>,
+    attrs: Box<[(SmolStr, StoredValue)]>,
+    tags: Box<[(SmolStr, StoredValue)]>,
     /// Direct parents. Once stored, each is the store's own key of that
     /// parent (shared, not a copy: 8 bytes an edge instead of a uid).
     pub parents: Box<[Arc<EntityUid>]>,
-    /// Entities named by attributes and tags.
-    pub references: Box<[EntityUid]>,
     /// Set when the entity is stored: unique in the process, so two stored
     /// entities with the same stamp are the same value (see [`Stamp`]).
     stamp: Stamp,
@@ -50,25 +157,91 @@ pub const ABSENT: Stamp = 0;
 static NEXT_STAMP: AtomicU64 = AtomicU64::new(1);
 
 impl StoredEntity {
-    /// `parents` must be the entity's direct parents.
-    pub fn new(entity: Entity, parents: Vec<EntityUid>) -> Self {
-        let mut references = Vec::new();
-        entity_references(&entity, &mut references);
-        StoredEntity {
-            entity,
-            parents: parents.into_iter().map(Arc::new).collect(),
-            references: references.into_boxed_slice(),
-            stamp: ABSENT,
+    /// The compact form of Cedar's `entity` (its uid, attributes and tags)
+    /// with `parents` as its direct parents (the entity's own parents are
+    /// not read).
+    pub fn from_entity(entity: &Entity, parents: Vec<EntityUid>) -> Result<Self, NotAValue> {
+        fn values<'a>(
+            pairs: impl Iterator<
+                Item = (
+                    &'a str,
+                    Result<EvalResult, cedar_policy::PartialValueToValueError>,
+                ),
+            >,
+        ) -> Result<Box<[(SmolStr, StoredValue)]>, NotAValue> {
+            pairs
+                .map(|(name, value)| match value {
+                    Ok(value) => Ok((SmolStr::from(name), StoredValue::from_eval(value))),
+                    Err(error) => Err(NotAValue {
+                        name: name.to_string(),
+                        message: error.to_string(),
+                    }),
+                })
+                .collect()
         }
+        Ok(StoredEntity {
+            uid: Arc::new(entity.uid()),
+            attrs: values(entity.attrs())?,
+            tags: values(entity.tags())?,
+            parents: parents.into_iter().map(Arc::new).collect(),
+            stamp: ABSENT,
+        })
     }
 
-    pub fn uid(&self) -> EntityUid {
-        self.entity.uid()
+    pub fn uid(&self) -> &EntityUid {
+        &self.uid
     }
 
     /// The direct parents' uids.
     pub fn parent_uids(&self) -> impl Iterator<Item = &EntityUid> {
         self.parents.iter().map(|parent| &**parent)
+    }
+
+    /// The attribute named `name`.
+    pub fn attr(&self, name: &str) -> Option<&StoredValue> {
+        self.attrs
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value)
+    }
+
+    /// Every entity uid the attributes and tags name.
+    pub fn references<'a>(&'a self, mut out: impl FnMut(&'a EntityUid)) {
+        for (_, value) in self.attrs.iter().chain(self.tags.iter()) {
+            value.references(&mut out);
+        }
+    }
+
+    /// Same uid, attributes, tags and parents.
+    pub fn same_content(&self, other: &StoredEntity) -> bool {
+        self.uid == other.uid
+            && self.attrs == other.attrs
+            && self.tags == other.tags
+            && self.parents == other.parents
+    }
+
+    /// Cedar's entity for this one, with its direct parents (Cedar computes
+    /// the closure over the slice).
+    pub fn to_entity(&self) -> Result<Entity, MaterializeError> {
+        let parents = self.parents.iter().map(|parent| (**parent).clone());
+        if self.attrs.is_empty() && self.tags.is_empty() {
+            return Ok(Entity::new_no_attrs((*self.uid).clone(), parents.collect()));
+        }
+        fn expressions(
+            pairs: &[(SmolStr, StoredValue)],
+        ) -> Result<Vec<(String, RestrictedExpression)>, MaterializeError> {
+            pairs
+                .iter()
+                .map(|(name, value)| Ok((name.to_string(), value.to_expression()?)))
+                .collect()
+        }
+        Entity::new_with_tags(
+            (*self.uid).clone(),
+            expressions(&self.attrs)?,
+            parents,
+            expressions(&self.tags)?,
+        )
+        .map_err(|error| MaterializeError(error.to_string()))
     }
 }
 
@@ -103,11 +276,49 @@ impl StoreError {
     }
 }
 
+/// The uids a walk up the hierarchy has visited. A user's ancestors are a
+/// few dozen groups: a short list beats hashing uids, past that a set.
+#[derive(Default)]
+struct Ancestors<'a> {
+    few: Vec<&'a EntityUid>,
+    many: HashSet<&'a EntityUid, foldhash::fast::RandomState>,
+}
+
+impl<'a> Ancestors<'a> {
+    const FEW: usize = 32;
+
+    /// False when `uid` was already there.
+    fn insert(&mut self, uid: &'a EntityUid) -> bool {
+        if self.many.is_empty() {
+            if self
+                .few
+                .iter()
+                .any(|seen| std::ptr::eq(*seen, uid) || *seen == uid)
+            {
+                return false;
+            }
+            if self.few.len() < Self::FEW {
+                self.few.push(uid);
+                return true;
+            }
+            self.many.extend(self.few.drain(..));
+        }
+        self.many.insert(uid)
+    }
+}
+
 /// The persistent map; clones share structure. Keys are behind an `Arc`
-/// so that the nodes a write copies (copy on write) stay small.
+/// (the entity's own uid) so that the nodes a write copies (copy on write)
+/// stay small. Hashed with foldhash: a lookup hashes a type name and an id,
+/// and a decision's walk does a few dozen.
 #[derive(Debug, Clone, Default)]
 pub struct EntityStore {
-    entities: imbl::HashMap<Arc<EntityUid>, Arc<StoredEntity>>,
+    entities: imbl::GenericHashMap<
+        Arc<EntityUid>,
+        Arc<StoredEntity>,
+        foldhash::fast::RandomState,
+        imbl::shared_ptr::DefaultSharedPtr,
+    >,
 }
 
 impl EntityStore {
@@ -150,42 +361,51 @@ impl EntityStore {
         stored: StoredEntity,
         previous: Option<&EntityStore>,
     ) -> Result<(), StoreError> {
-        let uid = stored.uid();
+        let uid: &EntityUid = &stored.uid;
+        // One lookup per parent tells that it is stored and gives its key
+        // (the edge points at it); then one walk up from the parents, with
+        // the ancestors seen shared between them, refuses a cycle: `uid`
+        // among a parent's ancestors.
+        let mut parent_keys: Vec<Arc<EntityUid>> = Vec::with_capacity(stored.parents.len());
+        let mut seen = Ancestors::default();
         for parent in stored.parent_uids() {
-            if !self.entities.contains_key(parent) {
+            let Some((key, entity)) = self.entities.get_key_value(parent) else {
                 return Err(StoreError::MissingParent {
-                    uid: Box::new(uid),
+                    uid: Box::new(uid.clone()),
                     parent: Box::new(parent.clone()),
                 });
-            }
-            if *parent == uid || self.has_ancestor(parent, &uid) {
+            };
+            if parent == uid || self.reaches(entity, uid, &mut seen) {
                 return Err(StoreError::Cycle {
-                    uid: Box::new(uid),
+                    uid: Box::new(uid.clone()),
                     parent: Box::new(parent.clone()),
                 });
             }
+            parent_keys.push(key.clone());
         }
         let kept = previous
-            .and_then(|previous| previous.entities.get(&uid))
-            .filter(|old| old.entity == stored.entity && old.parents == stored.parents)
+            .and_then(|previous| previous.entities.get(uid))
+            .filter(|old| old.same_content(&stored))
             .cloned();
-        let value = kept.unwrap_or_else(|| {
-            // Every parent is stored (checked above): point at its key.
-            let parents = stored
-                .parents
-                .iter()
-                .map(|parent| match self.entities.get_key_value(&**parent) {
-                    Some((key, _)) => key.clone(),
-                    None => parent.clone(),
+        let value = match kept {
+            Some(old) => old,
+            None => {
+                // One allocation per uid: an entity that is replaced keeps
+                // the key its children's edges already point at.
+                let key = self
+                    .entities
+                    .get_key_value(uid)
+                    .or_else(|| previous.and_then(|previous| previous.entities.get_key_value(uid)))
+                    .map_or_else(|| stored.uid.clone(), |(key, _)| key.clone());
+                Arc::new(StoredEntity {
+                    uid: key,
+                    stamp: NEXT_STAMP.fetch_add(1, Ordering::Relaxed),
+                    parents: parent_keys.into_boxed_slice(),
+                    ..stored
                 })
-                .collect();
-            Arc::new(StoredEntity {
-                stamp: NEXT_STAMP.fetch_add(1, Ordering::Relaxed),
-                parents,
-                ..stored
-            })
-        });
-        self.entities.insert(Arc::new(uid), value);
+            }
+        };
+        self.entities.insert(value.uid.clone(), value);
         Ok(())
     }
 
@@ -200,21 +420,25 @@ impl EntityStore {
         self.entities.remove(uid).is_some()
     }
 
-    /// True when `ancestor` is reachable from `start` through parents.
-    pub fn has_ancestor(&self, start: &EntityUid, ancestor: &EntityUid) -> bool {
-        let mut seen: HashSet<&EntityUid> = HashSet::new();
-        let mut pending: Vec<&EntityUid> = vec![start];
+    /// True when `ancestor` is among the ancestors of `entity` that are not
+    /// in `seen`; adds those it visits to `seen` (an ancestor seen before
+    /// was already found not to lead to `ancestor`).
+    fn reaches<'a>(
+        &'a self,
+        entity: &'a StoredEntity,
+        ancestor: &EntityUid,
+        seen: &mut Ancestors<'a>,
+    ) -> bool {
+        let mut pending: Vec<&EntityUid> = entity.parent_uids().collect();
         while let Some(uid) = pending.pop() {
+            if uid == ancestor {
+                return true;
+            }
             if !seen.insert(uid) {
                 continue;
             }
             if let Some(entity) = self.entities.get(uid) {
-                for parent in entity.parent_uids() {
-                    if parent == ancestor {
-                        return true;
-                    }
-                    pending.push(parent);
-                }
+                pending.extend(entity.parent_uids());
             }
         }
         false
@@ -235,66 +459,82 @@ impl EntityStore {
         entities: impl IntoIterator<Item = StoredEntity>,
         previous: Option<&EntityStore>,
     ) -> (EntityStore, Vec<StoreError>) {
-        let mut rows: HashMap<EntityUid, StoredEntity> = HashMap::new();
+        // Rows by index (the last listing of a uid wins); the graph below is
+        // kept in indices, not uid copies: a million users in ten groups
+        // each are ten million edges.
+        let mut rows: Vec<Option<StoredEntity>> = Vec::new();
+        let mut index: HashMap<Arc<EntityUid>, usize, foldhash::fast::RandomState> =
+            HashMap::default();
         for entity in entities {
-            rows.insert(entity.uid(), entity);
+            match index.get(&*entity.uid) {
+                Some(&at) => rows[at] = Some(entity),
+                None => {
+                    index.insert(entity.uid.clone(), rows.len());
+                    rows.push(Some(entity));
+                }
+            }
         }
         // Kahn's algorithm over the parent edges inside the listing.
-        let mut waiting: HashMap<EntityUid, usize> = HashMap::new();
-        let mut children: HashMap<EntityUid, Vec<EntityUid>> = HashMap::new();
-        let mut ready: Vec<EntityUid> = Vec::new();
+        let mut waiting: Vec<usize> = vec![0; rows.len()];
+        let mut children: Vec<Vec<usize>> = vec![Vec::new(); rows.len()];
+        let mut ready: Vec<usize> = Vec::new();
         let mut refused = Vec::new();
-        for (uid, entity) in &rows {
-            let missing = entity
-                .parent_uids()
-                .find(|parent| !rows.contains_key(*parent));
+        let mut parents: Vec<usize> = Vec::new();
+        for (at, entity) in rows.iter_mut().enumerate() {
+            let Some(row) = entity else { continue };
+            parents.clear();
+            let mut missing = None;
+            for parent in row.parent_uids() {
+                match index.get(parent) {
+                    Some(&parent_at) => parents.push(parent_at),
+                    None => {
+                        missing = Some(parent.clone());
+                        break;
+                    }
+                }
+            }
             if let Some(parent) = missing {
                 refused.push(StoreError::MissingParent {
-                    uid: Box::new(uid.clone()),
-                    parent: Box::new(parent.clone()),
+                    uid: Box::new(row.uid().clone()),
+                    parent: Box::new(parent),
                 });
+                *entity = None;
                 continue;
             }
-            let distinct: HashSet<&EntityUid> = entity.parent_uids().collect();
-            waiting.insert(uid.clone(), distinct.len());
-            for parent in distinct {
-                children
-                    .entry(parent.clone())
-                    .or_default()
-                    .push(uid.clone());
+            parents.sort_unstable();
+            parents.dedup();
+            waiting[at] = parents.len();
+            for &parent_at in &parents {
+                children[parent_at].push(at);
             }
-            if entity.parents.is_empty() {
-                ready.push(uid.clone());
+            if parents.is_empty() {
+                ready.push(at);
             }
         }
         let mut store = EntityStore::new();
-        while let Some(uid) = ready.pop() {
-            let Some(entity) = rows.remove(&uid) else {
+        while let Some(at) = ready.pop() {
+            let Some(entity) = rows[at].take() else {
                 continue;
             };
             if store.upsert_reusing(entity, previous).is_err() {
                 continue;
             }
-            for child in children.remove(&uid).unwrap_or_default() {
-                if let Some(count) = waiting.get_mut(&child) {
-                    *count -= 1;
-                    if *count == 0 {
-                        ready.push(child);
-                    }
+            for child in std::mem::take(&mut children[at]) {
+                waiting[child] -= 1;
+                if waiting[child] == 0 {
+                    ready.push(child);
                 }
             }
         }
         // Whatever is left sits on a cycle or waits on a refused parent.
-        for (uid, entity) in &rows {
-            if !waiting.contains_key(uid) {
-                continue; // already refused for a missing parent
-            }
+        for entity in rows.iter().flatten() {
+            let uid = entity.uid();
             let parent = entity
                 .parent_uids()
                 .find(|parent| !store.contains(parent))
                 .cloned()
                 .unwrap_or_else(|| uid.clone());
-            refused.push(if on_cycle(&rows, uid) {
+            refused.push(if on_cycle(&rows, &index, uid) {
                 StoreError::Cycle {
                     uid: Box::new(uid.clone()),
                     parent: Box::new(parent),
@@ -317,7 +557,7 @@ impl EntityStore {
         &self,
         roots: impl IntoIterator<Item = EntityUid>,
         overlay: &Entities,
-    ) -> Vec<Entity> {
+    ) -> Result<Vec<Entity>, MaterializeError> {
         self.walk(roots, Some(overlay), |_, _| {})
     }
 }
@@ -331,7 +571,7 @@ impl EntityStore {
         &self,
         roots: impl IntoIterator<Item = EntityUid>,
         looked_up: &mut Vec<(EntityUid, Stamp)>,
-    ) -> Vec<Entity> {
+    ) -> Result<Vec<Entity>, MaterializeError> {
         self.walk(roots, None, |uid, stamp| {
             looked_up.push((uid.clone(), stamp.unwrap_or(ABSENT)));
         })
@@ -345,7 +585,7 @@ impl EntityStore {
         roots: impl IntoIterator<Item = EntityUid>,
         overlay: Option<&Entities>,
         mut stored_lookup: impl FnMut(&EntityUid, Option<Stamp>),
-    ) -> Vec<Entity> {
+    ) -> Result<Vec<Entity>, MaterializeError> {
         let mut seen: HashSet<EntityUid> = HashSet::new();
         let mut pending: Vec<EntityUid> = roots.into_iter().collect();
         let mut slice = Vec::new();
@@ -365,17 +605,19 @@ impl EntityStore {
                 let stored = self.entities.get(&uid);
                 stored_lookup(&uid, stored.map(|stored| stored.stamp));
                 if let Some(stored) = stored {
-                    for next in stored.parent_uids().chain(stored.references.iter()) {
+                    let mut follow = |next: &EntityUid| {
                         if !seen.contains(next) {
                             pending.push(next.clone());
                         }
-                    }
-                    slice.push(stored.entity.clone());
+                    };
+                    stored.parent_uids().for_each(&mut follow);
+                    stored.references(follow);
+                    slice.push(stored.to_entity()?);
                 }
             }
             seen.insert(uid);
         }
-        slice
+        Ok(slice)
     }
 
     /// True when every recorded uid still has the recorded stamp here.
@@ -386,12 +628,17 @@ impl EntityStore {
     }
 }
 
-/// True when `start` reaches itself through parents inside `rows`.
-fn on_cycle(rows: &HashMap<EntityUid, StoredEntity>, start: &EntityUid) -> bool {
+/// True when `start` reaches itself through parents among the entities
+/// left in `rows`.
+fn on_cycle(
+    rows: &[Option<StoredEntity>],
+    index: &HashMap<Arc<EntityUid>, usize, foldhash::fast::RandomState>,
+    start: &EntityUid,
+) -> bool {
     let mut seen: HashSet<&EntityUid> = HashSet::new();
     let mut pending: Vec<&EntityUid> = vec![start];
     while let Some(uid) = pending.pop() {
-        let Some(entity) = rows.get(uid) else {
+        let Some(entity) = index.get(uid).and_then(|&at| rows[at].as_ref()) else {
             continue;
         };
         for parent in entity.parent_uids() {
@@ -417,7 +664,44 @@ pub(crate) mod tests {
     pub(crate) fn entity(id: &str, parents: &[&str]) -> StoredEntity {
         let parents: Vec<EntityUid> = parents.iter().map(|p| uid(p)).collect();
         let entity = Entity::new_no_attrs(uid(id), parents.iter().cloned().collect());
-        StoredEntity::new(entity, parents)
+        StoredEntity::from_entity(&entity, parents).unwrap()
+    }
+
+    #[test]
+    fn every_kind_of_value_comes_back_as_the_same_cedar_entity() {
+        let json = serde_json::json!({
+            "uid": {"type": "App::User", "id": "alice"},
+            "attrs": {
+                "active": true,
+                "level": -7,
+                "email": "a-long-address-past-the-inline-limit@example.test",
+                "short": "eng",
+                "manager": {"__entity": {"type": "App::User", "id": "bob"}},
+                "groups": [{"__entity": {"type": "G", "id": "a"}}, "x", 3],
+                "address": {"city": "Oslo", "zip": {"code": 150, "extra": []}},
+                "net": {"__extn": {"fn": "ip", "arg": "10.0.0.0/8"}},
+                "limit": {"__extn": {"fn": "decimal", "arg": "12.5000"}},
+                "since": {"__extn": {"fn": "datetime", "arg": "2026-01-02"}},
+                "ttl": {"__extn": {"fn": "duration", "arg": "1h30m"}}
+            },
+            "parents": [{"type": "G", "id": "a"}],
+            "tags": {"owner": "team-1", "scope": {"__entity": {"type": "T", "id": "t1"}}}
+        });
+        let original = Entity::from_json_value(json, None).unwrap();
+        let parents = vec![uid(r#"G::"a""#)];
+        let stored = StoredEntity::from_entity(&original, parents).unwrap();
+        let rebuilt = stored.to_entity().unwrap();
+        assert_eq!(
+            rebuilt.to_json_value().unwrap(),
+            original.to_json_value().unwrap()
+        );
+        let mut references = Vec::new();
+        stored.references(|uid| references.push(uid.to_string()));
+        references.sort();
+        assert_eq!(
+            references,
+            [r#"App::User::"bob""#, r#"G::"a""#, r#"T::"t1""#]
+        );
     }
 
     #[test]
@@ -430,6 +714,22 @@ pub(crate) mod tests {
         let cycle = store.upsert(entity(r#"G::"a""#, &[r#"G::"b""#]));
         assert_eq!(cycle.unwrap_err().kind(), "cycle");
         assert!(store.get(&uid(r#"G::"a""#)).unwrap().parents.is_empty());
+        // A diamond: two parents share the ancestors the walk visits once;
+        // a cycle found through the second parent names that parent.
+        store.upsert(entity(r#"G::"c""#, &[r#"G::"a""#])).unwrap();
+        store
+            .upsert(entity(r#"G::"d""#, &[r#"G::"b""#, r#"G::"c""#]))
+            .unwrap();
+        store.upsert(entity(r#"G::"e""#, &[r#"G::"d""#])).unwrap();
+        let cycle = store.upsert(entity(r#"G::"c""#, &[r#"G::"b""#, r#"G::"e""#]));
+        assert_eq!(
+            cycle.unwrap_err(),
+            StoreError::Cycle {
+                uid: Box::new(uid(r#"G::"c""#)),
+                parent: Box::new(uid(r#"G::"e""#)),
+            }
+        );
+        store.upsert(entity(r#"G::"c""#, &[r#"G::"b""#])).unwrap();
     }
 
     #[test]
@@ -468,7 +768,9 @@ pub(crate) mod tests {
             entity(r#"U::"u""#, &[r#"G::"b""#]),
             entity(r#"U::"other""#, &[]),
         ]);
-        let slice = store.slice_with_overlay([uid(r#"U::"u""#)], &Entities::empty());
+        let slice = store
+            .slice_with_overlay([uid(r#"U::"u""#)], &Entities::empty())
+            .unwrap();
         assert_eq!(slice.len(), 3);
     }
 }

@@ -47,6 +47,10 @@ pub enum RequestError {
     },
     #[error("no policy set is loaded yet")]
     NotReady,
+    /// Arbiter's own fault (e.g. stored data it could not hand to Cedar);
+    /// the decision fails closed.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl RequestError {

@@ -332,8 +332,9 @@ impl Engine {
                     }
                     None => {
                         let mut looked_up = Vec::new();
-                        let mut slice =
-                            store.slice_recording(roots.iter().cloned(), &mut looked_up);
+                        let mut slice = store
+                            .slice_recording(roots.iter().cloned(), &mut looked_up)
+                            .map_err(stored_data_error)?;
                         add_action_entities(&mut slice, request.action(), policies);
                         let entities = Entities::from_entities(slice, None).map_err(|error| {
                             RequestError::invalid_because(RequestField::Entities, &error)
@@ -357,7 +358,10 @@ impl Engine {
                     Some(scope) => merge_request_entities(&snapshot.data, overlay, scope, schema)?,
                     None => overlay,
                 };
-                let mut slice = snapshot.data.slice_with_overlay(roots, &overlay);
+                let mut slice = snapshot
+                    .data
+                    .slice_with_overlay(roots, &overlay)
+                    .map_err(stored_data_error)?;
                 if snapshot.data.whole().is_none() {
                     add_action_entities(&mut slice, request.action(), policies);
                 }
@@ -499,6 +503,13 @@ fn parse_context(
     }
 }
 
+/// Stored data Cedar would not take back: Arbiter's fault, not the
+/// caller's; the decision fails closed.
+fn stored_data_error(error: entity_store::MaterializeError) -> RequestError {
+    tracing::error!(target: "arbiter::engine", %error, "decision refused");
+    RequestError::Internal(error.to_string())
+}
+
 fn parse_overlay(json: &str, schema: Option<&Schema>) -> Result<Entities, RequestError> {
     Entities::from_json_str(json, schema)
         .map_err(|error| RequestError::invalid_because(RequestField::Entities, &error))
@@ -524,7 +535,7 @@ fn merge_request_entities(
         let position = entities.iter().position(|entity| entity.uid() == uid);
         let base = match position {
             Some(index) => Some(entities.swap_remove(index)),
-            None => data.get(&uid),
+            None => data.get(&uid).map_err(stored_data_error)?,
         };
         let mut json = match base {
             Some(entity) => entity

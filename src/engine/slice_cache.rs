@@ -91,7 +91,9 @@ mod tests {
 
     fn prepare(cache: &SliceCache, store: &EntityStore, roots: &[EntityUid]) {
         let mut looked_up = Vec::new();
-        let slice = store.slice_recording(roots.iter().cloned(), &mut looked_up);
+        let slice = store
+            .slice_recording(roots.iter().cloned(), &mut looked_up)
+            .unwrap();
         let entities = Entities::from_entities(slice, None).unwrap();
         cache.insert(roots, Arc::new(PreparedSlice::new(entities, looked_up)));
     }

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::decision_cache::DecisionCache;
-use super::entity_store::EntityStore;
+use super::entity_store::{EntityStore, MaterializeError};
 use super::loader::{LoadOptions, OnEvaluationError};
 use super::slice_cache::SliceCache;
 use cedar_policy::{Entities, Entity, EntityUid, EvalResult, PolicySet, Schema};
@@ -176,10 +176,10 @@ impl EntityData {
     }
 
     /// One stored entity, as Cedar's entity.
-    pub fn get(&self, uid: &EntityUid) -> Option<Entity> {
+    pub fn get(&self, uid: &EntityUid) -> Result<Option<Entity>, MaterializeError> {
         match &self.backing {
-            Backing::Whole { entities, .. } => entities.get(uid).cloned(),
-            Backing::Store(store) => store.get(uid).map(|stored| stored.entity.clone()),
+            Backing::Whole { entities, .. } => Ok(entities.get(uid).cloned()),
+            Backing::Store(store) => store.get(uid).map(|stored| stored.to_entity()).transpose(),
         }
     }
 
@@ -203,7 +203,7 @@ impl EntityData {
         &self,
         roots: impl IntoIterator<Item = EntityUid>,
         overlay: &Entities,
-    ) -> Vec<Entity> {
+    ) -> Result<Vec<Entity>, MaterializeError> {
         let (entities, references) = match &self.backing {
             Backing::Whole {
                 entities,
@@ -238,7 +238,7 @@ impl EntityData {
                 slice.push(entity.clone());
             }
         }
-        slice
+        Ok(slice)
     }
 }
 

@@ -238,7 +238,8 @@ pub fn entity_from_row(
     });
     let entity = Entity::from_json_value(json, None)
         .map_err(|error| RowError::Attributes(render(&error)))?;
-    Ok(StoredEntity::new(entity, parent_uids))
+    StoredEntity::from_entity(&entity, parent_uids)
+        .map_err(|error| RowError::Attributes(error.to_string()))
 }
 
 fn parents_json(parents: &[EntityUid]) -> serde_json::Value {
@@ -472,16 +473,14 @@ impl Applier {
 fn drift(old: &EntityStore, new: &EntityStore) -> usize {
     let changed = new
         .iter()
-        .filter(|entity| match old.get(&entity.uid()) {
-            Some(previous) => {
-                previous.entity != entity.entity || previous.parents != entity.parents
-            }
+        .filter(|entity| match old.get(entity.uid()) {
+            Some(previous) => !previous.same_content(entity),
             None => true,
         })
         .count();
     let removed = old
         .iter()
-        .filter(|entity| !new.contains(&entity.uid()))
+        .filter(|entity| !new.contains(entity.uid()))
         .count();
     changed + removed
 }

@@ -306,9 +306,21 @@ async fn full_sync(
         )
         .await?
         .try_get(0)?;
-    let rows = client_tx.client.query(&source.entities_query, &[]).await?;
+    // Streamed: each row becomes its compact entity as it arrives, so the
+    // listing's raw rows (about 1 KB each for a reference-schema user) are
+    // never all held at once.
+    let stream = client_tx
+        .client
+        .query_raw(&source.entities_query, std::iter::empty::<&str>())
+        .await?;
+    let mut stream = std::pin::pin!(stream);
+    let mut rows = Vec::new();
+    while let Some(row) = stream.next().await {
+        if let Some(entity) = row_to_entity(&row?) {
+            rows.push(entity);
+        }
+    }
     client_tx.commit().await?;
-    let rows = rows.iter().filter_map(row_to_entity).collect();
     applier.replace_all(rows, position.max(0) as u64);
     Ok(())
 }
