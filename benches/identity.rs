@@ -15,11 +15,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arbiter::engine::entity_store::{EntityStore, StoredEntity};
+use arbiter::engine::entity_store::{EntityStore, StoreWriter, StoredEntity};
 use arbiter::engine::loader::{Inputs, SourceFile, build};
 use arbiter::engine::{CheckInput, Decision, Engine, EntityData, LoadOptions, SliceUse, UidInput};
 use cedar_policy::{Entity, EntityUid, RestrictedExpression};
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
+
+// The server's allocator (src/main.rs): what a change frees and allocates
+// is part of its cost.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const POLICIES: &str = r#"
 permit (principal in Group::"g-0-0-0", action == Action::"read", resource);
@@ -121,7 +126,7 @@ fn resident_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-fn engine_with(store: EntityStore, slice_cache_capacity: u64) -> Arc<Engine> {
+fn engine_with(store: Arc<EntityStore>, slice_cache_capacity: u64) -> Arc<Engine> {
     let engine = Arc::new(Engine::with_external_data());
     let inputs = Inputs {
         policy_files: vec![SourceFile {
@@ -160,7 +165,7 @@ fn identity(c: &mut Criterion) {
     let (decide_small, change_small, large) = sizes();
     let started = Instant::now();
     let before = resident_bytes();
-    let big = store(large);
+    let big = Arc::new(store(large));
     let after = resident_bytes();
     eprintln!(
         "identity bench: {large} users built in {:.1?}, resident {:.0} bytes per user",
@@ -170,7 +175,10 @@ fn identity(c: &mut Criterion) {
 
     // Decisions that build their slice (slice cache off, decision cache off).
     let mut decisions = c.benchmark_group("identity_decide");
-    for (label, users) in [(decide_small, store(decide_small)), (large, big.clone())] {
+    for (label, users) in [
+        (decide_small, Arc::new(store(decide_small))),
+        (large, big.clone()),
+    ] {
         let engine = engine_with(users, 0);
         let ids = principals(label);
         let mut i = 0usize;
@@ -222,47 +230,36 @@ fn identity(c: &mut Criterion) {
     slices.finish();
 
     // Last, so that the large store is no longer shared with another
-    // holder: each change then frees the version it replaces, as in the
-    // server (a clone kept alive would make every change grow memory, and
-    // the bench would time page faults instead of the store).
+    // holder (the engines above are gone).
     drop(ids);
+    let big = Arc::try_unwrap(big).unwrap_or_else(|shared| EntityStore::clone(&shared));
     let mut changes = c.benchmark_group("identity_apply_one_change");
     for (label, users) in [(change_small, store(change_small)), (large, big)] {
-        // What `identity::Applier::apply` does for one change: upsert into
-        // the persistent store (checks included) and publish a snapshot.
-        // The entity is built outside the timing (the source's parsing).
-        // `visible`: until decisions see the change; the replaced version
-        // and the old snapshot are freed after the timing (in the server
-        // that happens after the swap, on the sync task). `with_free`:
-        // freeing them included.
-        let engine = engine_with(users.clone(), 0);
-        let mut current = users;
+        // What `identity::Applier::apply` does for one change: write it
+        // through the store's writer (which first catches its spare copy up
+        // on the previous change, freeing the version that one replaced),
+        // upsert with the checks, and publish a snapshot, which frees the
+        // snapshot before. The entity is built outside the timing (the
+        // source's parsing). The first write after a full sync copies the
+        // map once; it falls in the warm-up.
+        let mut writer = StoreWriter::new(users);
+        let engine = engine_with(writer.store().clone(), 0);
         let mut position = 2;
         let mut n = 0usize;
-        for free in [false, true] {
-            let name = if free { "with_free" } else { "visible" };
-            changes.bench_function(BenchmarkId::new(name, label), |b| {
-                b.iter_batched(
-                    || {
-                        n = (n + 7919) % label;
-                        position += 1;
-                        (user(n, (position % 4) as i64), position)
-                    },
-                    |(entity, position)| {
-                        let old = engine.snapshot();
-                        current.upsert(entity).unwrap();
-                        engine.publish_data(EntityData::from_store(current.clone(), position));
-                        if free {
-                            drop(old);
-                            None
-                        } else {
-                            old
-                        }
-                    },
-                    BatchSize::SmallInput,
-                );
-            });
-        }
+        changes.bench_function(BenchmarkId::from_parameter(label), |b| {
+            b.iter_batched(
+                || {
+                    n = (n + 7919) % label;
+                    position += 1;
+                    (user(n, (position % 4) as i64), position)
+                },
+                |(entity, position)| {
+                    writer.write(|batch| batch.upsert(entity).unwrap());
+                    engine.publish_data(EntityData::from_store(writer.store().clone(), position));
+                },
+                BatchSize::SmallInput,
+            );
+        });
     }
     changes.finish();
 }

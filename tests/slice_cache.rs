@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arbiter::engine::entity_store::{EntityStore, StoredEntity};
+use arbiter::engine::entity_store::{EntityStore, StoreWriter, StoredEntity};
 use arbiter::engine::loader::{Inputs, SourceFile, build};
 use arbiter::engine::{CheckInput, Decision, Engine, EntityData, LoadOptions, SliceUse, UidInput};
 use cedar_policy::{Entity, EntityUid, RestrictedExpression};
@@ -65,7 +65,7 @@ fn doc(id: &str, owner: &str) -> StoredEntity {
     StoredEntity::from_entity(&entity, Vec::new()).unwrap()
 }
 
-fn engine(slice_cache_capacity: u64, store: &EntityStore) -> Engine {
+fn engine(slice_cache_capacity: u64, store: &Arc<EntityStore>) -> Engine {
     let engine = Engine::with_external_data();
     publish_policies(&engine, slice_cache_capacity);
     engine.publish_data(EntityData::from_store(store.clone(), 1));
@@ -92,7 +92,7 @@ fn publish_policies(engine: &Engine, slice_cache_capacity: u64) {
 
 /// The engine with the slice cache and one without, fed the same changes.
 struct Pair {
-    store: EntityStore,
+    store: StoreWriter,
     position: u64,
     cached: Engine,
     reference: Engine,
@@ -102,9 +102,10 @@ impl Pair {
     fn new(entities: Vec<StoredEntity>) -> Pair {
         let (store, refused) = EntityStore::from_entities(entities);
         assert!(refused.is_empty(), "{refused:?}");
+        let store = StoreWriter::new(store);
         Pair {
-            cached: engine(1 << 20, &store),
-            reference: engine(0, &store),
+            cached: engine(1 << 20, store.store()),
+            reference: engine(0, store.store()),
             store,
             position: 1,
         }
@@ -112,15 +113,20 @@ impl Pair {
 
     /// One applied batch, as the sync's `Applier` does it.
     fn apply(&mut self, upserts: Vec<StoredEntity>, deletes: &[EntityUid]) {
-        for entity in upserts {
-            self.store.upsert(entity).unwrap();
-        }
-        for uid in deletes {
-            assert!(self.store.remove(uid));
-        }
+        self.store.write(|batch| {
+            for entity in upserts {
+                batch.upsert(entity).unwrap();
+            }
+            for uid in deletes {
+                assert!(batch.remove(uid));
+            }
+        });
         self.position += 1;
         for engine in [&self.cached, &self.reference] {
-            engine.publish_data(EntityData::from_store(self.store.clone(), self.position));
+            engine.publish_data(EntityData::from_store(
+                self.store.store().clone(),
+                self.position,
+            ));
         }
     }
 

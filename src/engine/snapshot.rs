@@ -125,7 +125,7 @@ enum Backing {
         /// request-scoped slice is a graph walk, not a scan of attribute values.
         references: HashMap<EntityUid, Box<[EntityUid]>>,
     },
-    Store(EntityStore),
+    Store(Arc<EntityStore>),
 }
 
 impl EntityData {
@@ -151,7 +151,7 @@ impl EntityData {
     }
 
     /// Data from a synced source at `position` (its revision is the position).
-    pub fn from_store(store: EntityStore, position: u64) -> Self {
+    pub fn from_store(store: Arc<EntityStore>, position: u64) -> Self {
         EntityData {
             revision: Arc::from(position.to_string()),
             position: Some(position),

@@ -26,7 +26,7 @@ use arc_swap::ArcSwapOption;
 use cedar_policy::{Entity, EntityId, EntityTypeName, EntityUid};
 use serde::Deserialize;
 
-use crate::engine::entity_store::{EntityStore, StoreError, StoredEntity};
+use crate::engine::entity_store::{EntityStore, StoreError, StoreWriter, StoredEntity};
 use crate::engine::{Engine, EntityData};
 
 pub use postgres::PostgresConfig;
@@ -281,7 +281,7 @@ pub struct Applier {
     engine: Arc<Engine>,
     status: Arc<SyncStatus>,
     source: &'static str,
-    store: EntityStore,
+    store: StoreWriter,
     /// The last position applied; `None` before the first full sync.
     position: Option<u64>,
 }
@@ -292,7 +292,7 @@ impl Applier {
             engine,
             status,
             source,
-            store: EntityStore::new(),
+            store: StoreWriter::default(),
             position: None,
         }
     }
@@ -302,7 +302,7 @@ impl Applier {
     }
 
     pub fn store(&self) -> &EntityStore {
-        &self.store
+        self.store.store()
     }
 
     /// Replaces the whole store with a full listing taken at `position`.
@@ -322,13 +322,13 @@ impl Applier {
         }
         // Unchanged entities keep their stored version, so prepared slices
         // of them stay valid across a reconciliation.
-        let previous = self.position.is_some().then_some(&self.store);
+        let previous = self.position.is_some().then_some(&**self.store.store());
         let (store, refused) = EntityStore::from_entities_reusing(good, previous);
         for error in &refused {
             self.reject_store(error);
         }
         if self.position.is_some() {
-            let drift = drift(&self.store, &store);
+            let drift = drift(self.store.store(), &store);
             if drift > 0 {
                 tracing::warn!(
                     target: "arbiter::identity",
@@ -342,13 +342,13 @@ impl Applier {
             metrics::counter!("arbiter_identity_reconciliations_total", "source" => self.source)
                 .increment(1);
         }
-        self.store = store;
+        self.store.replace(store);
         self.publish(position);
         tracing::info!(
             target: "arbiter::identity",
             source = self.source,
             position,
-            entities = self.store.len(),
+            entities = self.store.store().len(),
             refused = refused.len(),
             "identity data synced in full"
         );
@@ -367,30 +367,33 @@ impl Applier {
                 Change::Delete(uid) => deletes.push(uid),
             }
         }
-        let mut failures: Vec<StoreError> = Vec::new();
-        loop {
-            let before = pending.len();
-            failures.clear();
-            let mut retry = Vec::new();
-            for entity in pending {
-                match self.store.upsert(entity.clone()) {
-                    Ok(()) => {}
-                    Err(error) => {
-                        failures.push(error);
-                        retry.push(entity);
+        let failures = self.store.write(|batch| {
+            let mut failures: Vec<StoreError> = Vec::new();
+            loop {
+                let before = pending.len();
+                failures.clear();
+                let mut retry = Vec::new();
+                for entity in pending {
+                    match batch.upsert(entity.clone()) {
+                        Ok(()) => {}
+                        Err(error) => {
+                            failures.push(error);
+                            retry.push(entity);
+                        }
                     }
                 }
+                pending = retry;
+                if pending.is_empty() || pending.len() == before {
+                    break;
+                }
             }
-            pending = retry;
-            if pending.is_empty() || pending.len() == before {
-                break;
+            for uid in deletes {
+                batch.remove(&uid);
             }
-        }
+            failures
+        });
         for error in &failures {
             self.reject_store(error);
-        }
-        for uid in deletes {
-            self.store.remove(&uid);
         }
         self.publish(position);
     }
@@ -420,7 +423,7 @@ impl Applier {
     fn publish(&mut self, position: u64) {
         self.position = Some(position);
         self.engine
-            .publish_data(EntityData::from_store(self.store.clone(), position));
+            .publish_data(EntityData::from_store(self.store.store().clone(), position));
         // The source had at least what was just read from it.
         self.status
             .source_position
@@ -429,7 +432,7 @@ impl Applier {
             .applied_position
             .store(position, Ordering::Release);
         metrics::gauge!("arbiter_identity_entities", "source" => self.source)
-            .set(self.store.len() as f64);
+            .set(self.store.store().len() as f64);
         metrics::gauge!("arbiter_identity_applied_position", "source" => self.source)
             .set(position as f64);
         self.report_lag();
