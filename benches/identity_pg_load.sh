@@ -10,20 +10,26 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 USERS=${USERS:-1000000}
-DB=arbiter_load_$$
+# KEEP_DB=1: keep the loaded database (arbiter_load_<USERS>) for the next
+# run, and reuse it when it is there (the load takes minutes at 1M).
+if [[ -n "${KEEP_DB:-}" ]]; then DB=arbiter_load_$USERS; else DB=arbiter_load_$$; fi
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 BIN=${ARBITER_BIN:-target/release/arbiter}
 
 cleanup() {
   [[ -n "${PID:-}" ]] && kill "$PID" 2>/dev/null || true
-  "${PSQL[@]}" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
+  [[ -n "${KEEP_DB:-}" ]] || "${PSQL[@]}" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
 }
 trap cleanup EXIT
 
-"${PSQL[@]}" -c "CREATE DATABASE $DB"
-"${PSQL[@]}" -d "$DB" -f deploy/postgres/schema.sql
-started=$(date +%s.%N)
-"${PSQL[@]}" -d "$DB" <<SQL
+if [[ -n "${KEEP_DB:-}" ]] &&
+  "${PSQL[@]}" -tA -c "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1; then
+  echo "reusing database $DB"
+else
+  "${PSQL[@]}" -c "CREATE DATABASE $DB"
+  "${PSQL[@]}" -d "$DB" -f deploy/postgres/schema.sql
+  started=$(date +%s.%N)
+  "${PSQL[@]}" -d "$DB" <<SQL
 -- Bulk load without the change-log triggers (a snapshot reads the tables).
 ALTER TABLE tenants DISABLE TRIGGER arbiter_track;
 ALTER TABLE groups DISABLE TRIGGER arbiter_track;
@@ -48,7 +54,9 @@ ALTER TABLE users ENABLE TRIGGER arbiter_track;
 ALTER TABLE memberships ENABLE TRIGGER arbiter_track;
 ANALYZE;
 SQL
-echo "loaded $USERS users into postgres in $(echo "$(date +%s.%N) - $started" | bc) s"
+  echo "loaded $USERS users into postgres in $(echo "$(date +%s.%N) - $started" | bc) s"
+
+fi
 
 # How long the mapping query alone takes (part of the time to ready).
 "${PSQL[@]}" -d "$DB" -c '\timing on' \
@@ -70,5 +78,20 @@ until curl -sf 127.0.0.1:50792/ready >/dev/null; do
   sleep 0.5
 done
 ready=$(echo "$(date +%s.%N) - $started" | bc)
-rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$PID/status")
-echo "time to ready: $ready s; resident: $((rss_kb / 1024)) MiB, $((rss_kb * 1024 / USERS)) bytes per user"
+rss() { awk '/VmRSS/ {print $2}' "/proc/$PID/status"; }
+report() {
+  local kb
+  kb=$(rss)
+  echo "$1: resident $((kb / 1024)) MiB, $((kb * 1024 / USERS)) bytes per user"
+}
+echo "time to ready: $ready s"
+report "at ready"
+# What the full sync read and freed goes back to the system after a while.
+sleep 10
+report "10 s later"
+# The first change after a full sync makes the store's second copy (two maps
+# of pointers; the entities are shared).
+"${PSQL[@]}" -d "$DB" -c "UPDATE users SET attributes = attributes || '{\"clearance\": 9}' WHERE id = 'u1'"
+sleep 3
+curl -sf 127.0.0.1:50792/metrics | grep -E '^arbiter_identity_(applied_position|store_copies_total)' || true
+report "after one change"

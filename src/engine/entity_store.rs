@@ -50,7 +50,9 @@ pub enum StoredValue {
     Bool(bool),
     Long(i64),
     String(SmolStr),
-    Entity(Box<EntityUid>),
+    /// Shared with the other values naming it, when built by one
+    /// [`UidInterner`].
+    Entity(Arc<EntityUid>),
     Set(Box<[StoredValue]>),
     /// Fields in name order (as Cedar's record keeps them).
     Record(Box<[(SmolStr, StoredValue)]>),
@@ -60,20 +62,25 @@ pub enum StoredValue {
 }
 
 impl StoredValue {
-    fn from_eval(value: EvalResult) -> Self {
+    fn from_eval(value: EvalResult, uids: &mut UidInterner) -> Self {
         match value {
             EvalResult::Bool(value) => StoredValue::Bool(value),
             EvalResult::Long(value) => StoredValue::Long(value),
             EvalResult::String(value) => StoredValue::String(SmolStr::from(value)),
-            EvalResult::EntityUid(uid) => StoredValue::Entity(Box::new(uid)),
-            EvalResult::Set(set) => {
-                StoredValue::Set(set.iter().cloned().map(StoredValue::from_eval).collect())
-            }
+            EvalResult::EntityUid(uid) => StoredValue::Entity(uids.intern(uid)),
+            EvalResult::Set(set) => StoredValue::Set(
+                set.iter()
+                    .map(|item| StoredValue::from_eval(item.clone(), uids))
+                    .collect(),
+            ),
             EvalResult::Record(record) => StoredValue::Record(
                 record
                     .iter()
                     .map(|(name, value)| {
-                        (SmolStr::from(name), StoredValue::from_eval(value.clone()))
+                        (
+                            SmolStr::from(name),
+                            StoredValue::from_eval(value.clone(), uids),
+                        )
                     })
                     .collect(),
             ),
@@ -125,6 +132,23 @@ impl StoredValue {
     }
 }
 
+/// Hands out one shared `Arc` per distinct uid.
+#[derive(Debug, Default)]
+pub struct UidInterner {
+    uids: HashSet<Arc<EntityUid>, foldhash::fast::RandomState>,
+}
+
+impl UidInterner {
+    pub fn intern(&mut self, uid: EntityUid) -> Arc<EntityUid> {
+        if let Some(shared) = self.uids.get(&uid) {
+            return shared.clone();
+        }
+        let shared = Arc::new(uid);
+        self.uids.insert(shared.clone());
+        shared
+    }
+}
+
 /// A stored entity that Cedar refused to rebuild. Its values came from a
 /// Cedar entity, so this is not expected; a decision that meets it fails
 /// closed.
@@ -172,6 +196,25 @@ impl StoredEntity {
     /// with `parents` as its direct parents (the entity's own parents are
     /// not read).
     pub fn from_entity(entity: &Entity, parents: Vec<EntityUid>) -> Result<Self, NotAValue> {
+        Self::from_parts(
+            Arc::new(entity.uid()),
+            entity,
+            parents.into_iter().map(Arc::new).collect(),
+            &mut UidInterner::default(),
+        )
+    }
+
+    /// [`StoredEntity::from_entity`] with the uid and parents given, and the
+    /// uids in attribute values shared through `uids`: a full listing
+    /// builds a million entities naming the same few thousand groups, and a
+    /// uid per edge would be most of its memory (and, freed after the
+    /// build, scattered between what stays).
+    pub fn from_parts(
+        uid: Arc<EntityUid>,
+        entity: &Entity,
+        parents: Vec<Arc<EntityUid>>,
+        uids: &mut UidInterner,
+    ) -> Result<Self, NotAValue> {
         fn values<'a>(
             pairs: impl Iterator<
                 Item = (
@@ -179,10 +222,11 @@ impl StoredEntity {
                     Result<EvalResult, cedar_policy::PartialValueToValueError>,
                 ),
             >,
+            uids: &mut UidInterner,
         ) -> Result<Box<[(SmolStr, StoredValue)]>, NotAValue> {
             pairs
                 .map(|(name, value)| match value {
-                    Ok(value) => Ok((SmolStr::from(name), StoredValue::from_eval(value))),
+                    Ok(value) => Ok((SmolStr::from(name), StoredValue::from_eval(value, uids))),
                     Err(error) => Err(NotAValue {
                         name: name.to_string(),
                         message: error.to_string(),
@@ -191,15 +235,20 @@ impl StoredEntity {
                 .collect()
         }
         Ok(StoredEntity {
-            uid: Arc::new(entity.uid()),
-            attrs: values(entity.attrs())?,
-            tags: values(entity.tags())?,
-            parents: parents.into_iter().map(Arc::new).collect(),
+            uid,
+            attrs: values(entity.attrs(), uids)?,
+            tags: values(entity.tags(), uids)?,
+            parents: parents.into_boxed_slice(),
             stamp: ABSENT,
         })
     }
 
     pub fn uid(&self) -> &EntityUid {
+        &self.uid
+    }
+
+    /// The uid as the store shares it (map key and children's edges).
+    pub fn shared_uid(&self) -> &Arc<EntityUid> {
         &self.uid
     }
 
@@ -403,11 +452,24 @@ impl EntityStore {
                     .get_key_value(uid)
                     .or_else(|| previous.and_then(|previous| previous.entities.get_key_value(uid)))
                     .map_or_else(|| stored.uid.clone(), |(key, _)| key.clone());
+                // Parents interned with the store's keys are kept as they
+                // are (no second allocation per entity in a full listing).
+                let parents = if stored
+                    .parents
+                    .iter()
+                    .zip(&parent_keys)
+                    .all(|(given, key)| Arc::ptr_eq(given, key))
+                {
+                    stored.parents
+                } else {
+                    parent_keys.into_boxed_slice()
+                };
                 Arc::new(StoredEntity {
                     uid: key,
                     stamp: NEXT_STAMP.fetch_add(1, Ordering::Relaxed),
-                    parents: parent_keys.into_boxed_slice(),
-                    ..stored
+                    parents,
+                    attrs: stored.attrs,
+                    tags: stored.tags,
                 })
             }
         };

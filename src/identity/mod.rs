@@ -18,6 +18,7 @@
 pub mod postgres;
 pub mod scim;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,7 +27,9 @@ use arc_swap::ArcSwapOption;
 use cedar_policy::{Entity, EntityId, EntityTypeName, EntityUid};
 use serde::Deserialize;
 
-use crate::engine::entity_store::{EntityStore, StoreError, StoreWriter, StoredEntity};
+use crate::engine::entity_store::{
+    EntityStore, StoreError, StoreWriter, StoredEntity, UidInterner,
+};
 use crate::engine::{Engine, EntityData};
 
 pub use postgres::PostgresConfig;
@@ -187,68 +190,90 @@ impl RowError {
 
 /// Parses `type` into an entity uid.
 pub fn entity_uid(type_name: &str, id: &str) -> Result<EntityUid, RowError> {
-    let parsed: EntityTypeName = type_name
-        .parse()
-        .map_err(|_| RowError::Type(type_name.to_string()))?;
-    Ok(EntityUid::from_type_name_and_id(parsed, EntityId::new(id)))
+    RowParser::default().uid(type_name, id)
 }
 
-/// Builds a stored entity from a mapped row: `attrs` a Cedar attribute
-/// object (JSON entity format), `parents` an array of `{"type", "id"}`.
-pub fn entity_from_row(
-    uid: &EntityUid,
-    attrs: serde_json::Value,
-    parents: serde_json::Value,
-) -> Result<StoredEntity, RowError> {
-    let list = match &parents {
-        serde_json::Value::Array(list) => list,
-        serde_json::Value::Null => &Vec::new(),
-        other => {
-            return Err(RowError::Parents(format!(
-                "expected an array, got `{other}`"
-            )));
-        }
-    };
-    let mut parent_uids = Vec::with_capacity(list.len());
-    for parent in list {
-        let type_name = parent.get("type").and_then(|t| t.as_str());
-        let id = parent.get("id").and_then(|t| t.as_str());
-        match (type_name, id) {
-            (Some(type_name), Some(id)) => parent_uids.push(
-                entity_uid(type_name, id).map_err(|error| RowError::Parents(error.to_string()))?,
-            ),
-            _ => {
+/// Turns the rows of one listing or batch into entities, parsing each
+/// entity type name once and sharing equal uids (a million users' edges
+/// to the same groups are then pointers to one uid each, not a parsed
+/// copy per edge).
+#[derive(Debug, Default)]
+pub struct RowParser {
+    types: HashMap<String, EntityTypeName>,
+    uids: UidInterner,
+}
+
+impl RowParser {
+    /// Parses `type` into an entity uid.
+    pub fn uid(&mut self, type_name: &str, id: &str) -> Result<EntityUid, RowError> {
+        let parsed = match self.types.get(type_name) {
+            Some(parsed) => parsed.clone(),
+            None => {
+                let parsed: EntityTypeName = type_name
+                    .parse()
+                    .map_err(|_| RowError::Type(type_name.to_string()))?;
+                self.types.insert(type_name.to_string(), parsed.clone());
+                parsed
+            }
+        };
+        Ok(EntityUid::from_type_name_and_id(parsed, EntityId::new(id)))
+    }
+
+    /// Builds a stored entity from a mapped row: `attrs` a Cedar attribute
+    /// object (JSON entity format), `parents` an array of `{"type", "id"}`.
+    pub fn entity(
+        &mut self,
+        uid: &EntityUid,
+        attrs: serde_json::Value,
+        parents: serde_json::Value,
+    ) -> Result<StoredEntity, RowError> {
+        let list = match &parents {
+            serde_json::Value::Array(list) => list,
+            serde_json::Value::Null => &Vec::new(),
+            other => {
                 return Err(RowError::Parents(format!(
-                    "expected {{\"type\": ..., \"id\": ...}}, got `{parent}`"
+                    "expected an array, got `{other}`"
                 )));
             }
+        };
+        let mut parent_uids = Vec::with_capacity(list.len());
+        for parent in list {
+            let type_name = parent.get("type").and_then(|t| t.as_str());
+            let id = parent.get("id").and_then(|t| t.as_str());
+            match (type_name, id) {
+                (Some(type_name), Some(id)) => {
+                    let parent = self
+                        .uid(type_name, id)
+                        .map_err(|error| RowError::Parents(error.to_string()))?;
+                    parent_uids.push(self.uids.intern(parent));
+                }
+                _ => {
+                    return Err(RowError::Parents(format!(
+                        "expected {{\"type\": ..., \"id\": ...}}, got `{parent}`"
+                    )));
+                }
+            }
         }
+        if !attrs.is_object() {
+            return Err(RowError::Attributes(format!(
+                "expected a JSON object, got `{attrs}`"
+            )));
+        }
+        // Cedar reads the attributes (its JSON format: `__entity`, `__extn`);
+        // the parents were read above and are not given to it again.
+        let type_name = uid.type_name().to_string();
+        let id: &str = uid.id().unescaped();
+        let json = serde_json::json!({
+            "uid": {"type": type_name, "id": id},
+            "attrs": attrs,
+            "parents": [],
+        });
+        let entity = Entity::from_json_value(json, None)
+            .map_err(|error| RowError::Attributes(render(&error)))?;
+        let shared = self.uids.intern(uid.clone());
+        StoredEntity::from_parts(shared, &entity, parent_uids, &mut self.uids)
+            .map_err(|error| RowError::Attributes(error.to_string()))
     }
-    if !attrs.is_object() {
-        return Err(RowError::Attributes(format!(
-            "expected a JSON object, got `{attrs}`"
-        )));
-    }
-    let type_name = uid.type_name().to_string();
-    let id: &str = uid.id().unescaped();
-    let json = serde_json::json!({
-        "uid": {"type": type_name, "id": id},
-        "attrs": attrs,
-        "parents": parents_json(&parent_uids),
-    });
-    let entity = Entity::from_json_value(json, None)
-        .map_err(|error| RowError::Attributes(render(&error)))?;
-    StoredEntity::from_entity(&entity, parent_uids)
-        .map_err(|error| RowError::Attributes(error.to_string()))
-}
-
-fn parents_json(parents: &[EntityUid]) -> serde_json::Value {
-    parents
-        .iter()
-        .map(|uid| {
-            serde_json::json!({"type": uid.type_name().to_string(), "id": uid.id().unescaped()})
-        })
-        .collect()
 }
 
 /// Cedar's error with its causes on one line.
@@ -486,4 +511,51 @@ fn drift(old: &EntityStore, new: &EntityStore) -> usize {
         .filter(|entity| !new.contains(entity.uid()))
         .count();
     changed + removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::entity_store::StoredValue;
+    use serde_json::json;
+
+    #[test]
+    fn a_listing_shares_one_uid_per_entity_between_rows_and_the_store() {
+        let mut parser = RowParser::default();
+        let group = parser.uid("App::Group", "g").unwrap();
+        let user = |parser: &mut RowParser, id: &str| {
+            let uid = parser.uid("App::User", id).unwrap();
+            parser
+                .entity(
+                    &uid,
+                    json!({"team": {"__entity": {"type": "App::Group", "id": "g"}}}),
+                    json!([{"type": "App::Group", "id": "g"}]),
+                )
+                .unwrap()
+        };
+        let rows = vec![
+            parser.entity(&group, json!({}), json!(null)).unwrap(),
+            user(&mut parser, "a"),
+            user(&mut parser, "b"),
+        ];
+        let (store, refused) = EntityStore::from_entities(rows);
+        assert!(refused.is_empty());
+        let key = store.get(&group).unwrap();
+        for id in ["a", "b"] {
+            let stored = store.get(&parser.uid("App::User", id).unwrap()).unwrap();
+            assert!(Arc::ptr_eq(&stored.parents[0], key.shared_uid()), "{id}");
+            match stored.attr("team") {
+                Some(StoredValue::Entity(team)) => assert!(Arc::ptr_eq(team, &stored.parents[0])),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            parser.entity(&group, json!([]), json!(null)),
+            Err(RowError::Attributes(_))
+        ));
+        assert!(matches!(
+            parser.entity(&group, json!({}), json!([{"type": "App::Group"}])),
+            Err(RowError::Parents(_))
+        ));
+    }
 }

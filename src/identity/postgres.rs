@@ -24,9 +24,7 @@ use tokio::sync::{Notify, watch};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
-use super::{
-    Applier, Change, Engine, IdentityError, RowError, SyncStatus, entity_from_row, entity_uid,
-};
+use super::{Applier, Change, Engine, IdentityError, RowError, RowParser, SyncStatus};
 
 /// `[identity.postgres]`. The URL (which may hold a password) comes from the
 /// file, `ARBITER_POSTGRES_URL`, or `url_file`; never from a flag.
@@ -315,8 +313,9 @@ async fn full_sync(
         .await?;
     let mut stream = std::pin::pin!(stream);
     let mut rows = Vec::new();
+    let mut parser = RowParser::default();
     while let Some(row) = stream.next().await {
-        if let Some(entity) = row_to_entity(&row?) {
+        if let Some(entity) = row_to_entity(&row?, &mut parser) {
             rows.push(entity);
         }
     }
@@ -372,8 +371,9 @@ async fn poll(
     }
     tx.commit().await?;
     let mut batch = Vec::with_capacity(uids.len());
+    let mut parser = RowParser::default();
     for ((type_name, id), state) in uids.iter().zip(states) {
-        let uid = match entity_uid(type_name, id) {
+        let uid = match parser.uid(type_name, id) {
             Ok(uid) => uid,
             Err(error) => {
                 tracing::error!(target: "arbiter::identity", entity_type = %type_name, entity_id = %id, "change refused: {error}");
@@ -383,10 +383,15 @@ async fn poll(
         if state.len() > 1 {
             tracing::warn!(target: "arbiter::identity", entity = %uid, rows = state.len(), "the entity query returned several rows; the first is used");
         }
-        batch.push(match state.first().and_then(row_to_entity) {
-            Some((_, entity)) => Change::Upsert(uid, entity),
-            None => Change::Delete(uid),
-        });
+        batch.push(
+            match state
+                .first()
+                .and_then(|row| row_to_entity(row, &mut parser))
+            {
+                Some((_, entity)) => Change::Upsert(uid, entity),
+                None => Change::Delete(uid),
+            },
+        );
     }
     applier.apply(batch, position.max(0) as u64);
     metrics::gauge!("arbiter_identity_lag_seconds", "source" => "postgres").set(oldest_age);
@@ -418,6 +423,7 @@ impl<'a> ReadSnapshot<'a> {
 /// unreadable (logged).
 fn row_to_entity(
     row: &Row,
+    parser: &mut RowParser,
 ) -> Option<(
     EntityUid,
     Result<crate::engine::entity_store::StoredEntity, RowError>,
@@ -432,7 +438,7 @@ fn row_to_entity(
             return None;
         }
     };
-    let uid = match entity_uid(&type_name, &id) {
+    let uid = match parser.uid(&type_name, &id) {
         Ok(uid) => uid,
         Err(error) => {
             tracing::error!(target: "arbiter::identity", entity_type = %type_name, entity_id = %id, "mapped row refused: {error}");
@@ -447,7 +453,7 @@ fn row_to_entity(
         .try_get::<_, Option<serde_json::Value>>(3)
         .map_err(|error| RowError::Column(format!("parents: {error}")));
     let entity = match (attrs, parents) {
-        (Ok(attrs), Ok(parents)) => entity_from_row(
+        (Ok(attrs), Ok(parents)) => parser.entity(
             &uid,
             attrs.unwrap_or_else(|| serde_json::json!({})),
             parents.unwrap_or(serde_json::Value::Null),

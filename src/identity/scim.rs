@@ -31,7 +31,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
-use super::{Applier, Change, Engine, IdentityError, SyncStatus, entity_from_row, entity_uid};
+use super::{Applier, Change, Engine, IdentityError, RowParser, SyncStatus, entity_uid};
 
 const ENTERPRISE: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
 
@@ -217,6 +217,7 @@ impl State {
         }
         fresh.watermark = fresh.watermark.max(self.watermark);
         *self = fresh;
+        let mut parser = RowParser::default();
         let rows = self
             .users
             .keys()
@@ -224,7 +225,7 @@ impl State {
             .chain(self.groups.keys().map(|id| (id.clone(), false)))
             .collect::<Vec<_>>()
             .into_iter()
-            .filter_map(|(id, is_user)| self.entity(source, &id, is_user))
+            .filter_map(|(id, is_user)| self.entity(source, &id, is_user, &mut parser))
             .collect();
         let position = self.next_position(applier);
         applier.replace_all(rows, position);
@@ -275,6 +276,7 @@ impl State {
         }
         let mut seen = HashSet::new();
         let mut changes = Vec::new();
+        let mut parser = RowParser::default();
         for (id, is_user) in affected {
             if !seen.insert(id.clone()) {
                 continue;
@@ -287,7 +289,7 @@ impl State {
             if !exists {
                 continue; // a listed member that no longer exists
             }
-            if let Some((uid, entity)) = self.entity(source, &id, is_user) {
+            if let Some((uid, entity)) = self.entity(source, &id, is_user, &mut parser) {
                 changes.push(Change::Upsert(uid, entity));
             }
         }
@@ -361,6 +363,7 @@ impl State {
         source: &ScimSource,
         id: &str,
         is_user: bool,
+        parser: &mut RowParser,
     ) -> Option<(
         EntityUid,
         Result<crate::engine::entity_store::StoredEntity, super::RowError>,
@@ -370,7 +373,7 @@ impl State {
         } else {
             (&source.group_type, self.groups.get(id)?)
         };
-        let uid = entity_uid(type_name, id).ok()?;
+        let uid = parser.uid(type_name, id).ok()?;
         let parents: Vec<Value> = self
             .member_of
             .get(id)
@@ -386,7 +389,7 @@ impl State {
         };
         Some((
             uid.clone(),
-            entity_from_row(&uid, Value::Object(attrs), Value::Array(parents)),
+            parser.entity(&uid, Value::Object(attrs), Value::Array(parents)),
         ))
     }
 }
