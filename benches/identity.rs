@@ -246,6 +246,14 @@ fn identity(c: &mut Criterion) {
         let engine = engine_with(writer.store().clone(), 0);
         let mut position = 2;
         let mut n = 0usize;
+        // The first write after a full sync copies the map (no spare yet).
+        let started = Instant::now();
+        writer.write(|batch| batch.upsert(user(0, 1)).unwrap());
+        engine.publish_data(EntityData::from_store(writer.store().clone(), position));
+        eprintln!(
+            "identity bench: first change after a full sync at {label} users (copies the map) took {:.1?}",
+            started.elapsed()
+        );
         changes.bench_function(BenchmarkId::from_parameter(label), |b| {
             b.iter_batched(
                 || {
