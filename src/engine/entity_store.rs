@@ -820,11 +820,6 @@ impl StoreBatch<'_> {
             None => false,
         }
     }
-
-    /// The copy as written so far.
-    pub fn store(&self) -> &EntityStore {
-        self.store
-    }
 }
 
 /// True when `start` reaches itself through parents among the entities
