@@ -82,7 +82,15 @@ pub enum IdentityError {
     Scim(#[from] scim::ScimError),
     #[error("the connection to the identity store closed")]
     Closed,
+    #[error(transparent)]
+    Build(#[from] BuildError),
 }
+
+/// The task building the store from a full listing did not finish (the
+/// runtime is shutting down); the store served is unchanged.
+#[derive(Debug, thiserror::Error)]
+#[error("building the store from the full listing failed: {0}")]
+pub struct BuildError(String);
 
 /// What the sync reports to readiness and to the adapter.
 #[derive(Debug)]
@@ -162,6 +170,17 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// One row of a full listing made into an entity, or the uid of a row that
+/// could not be and why. Boxed: a listing holds a million of these at once,
+/// and a rejected row is rare (the `Ok` side is all it costs).
+pub type MappedRow = Result<StoredEntity, Box<RejectedRow>>;
+
+#[derive(Debug)]
+pub struct RejectedRow {
+    pub uid: EntityUid,
+    pub error: RowError,
 }
 
 /// A row that could not become an entity.
@@ -333,27 +352,29 @@ impl Applier {
     /// Replaces the whole store with a full listing taken at `position`.
     /// On a reconciliation (not the first sync) differences with the store
     /// are drift: counted, logged, and repaired by the replacement.
-    pub fn replace_all(
+    ///
+    /// Building the store and comparing it with the one served take seconds
+    /// of CPU at a million entities: that runs on tokio's blocking pool, so
+    /// that a reconciliation does not hold one of the runtime's workers (the
+    /// decisions' threads) meanwhile. Decisions go on from the current
+    /// store until the new one is published.
+    pub async fn replace_all(
         &mut self,
-        rows: Vec<(EntityUid, Result<StoredEntity, RowError>)>,
+        rows: Vec<MappedRow>,
         position: u64,
-    ) {
-        let mut good = Vec::with_capacity(rows.len());
-        for (uid, row) in rows {
-            match row {
-                Ok(entity) => good.push(entity),
-                Err(error) => self.reject_row(&uid, &error),
-            }
+    ) -> Result<(), BuildError> {
+        let previous = self.position.is_some().then(|| self.store.store().clone());
+        let started = std::time::Instant::now();
+        let listing = tokio::task::spawn_blocking(move || Listing::build(rows, previous))
+            .await
+            .map_err(|error| BuildError(error.to_string()))?;
+        for rejected in &listing.rejected {
+            self.reject_row(&rejected.uid, &rejected.error);
         }
-        // Unchanged entities keep their stored version, so prepared slices
-        // of them stay valid across a reconciliation.
-        let previous = self.position.is_some().then_some(&**self.store.store());
-        let (store, refused) = EntityStore::from_entities_reusing(good, previous);
-        for error in &refused {
+        for error in &listing.refused {
             self.reject_store(error);
         }
-        if self.position.is_some() {
-            let drift = drift(self.store.store(), &store);
+        if let Some(drift) = listing.drift {
             if drift > 0 {
                 tracing::warn!(
                     target: "arbiter::identity",
@@ -367,16 +388,18 @@ impl Applier {
             metrics::counter!("arbiter_identity_reconciliations_total", "source" => self.source)
                 .increment(1);
         }
-        self.store.replace(store);
+        self.store.replace(listing.store);
         self.publish(position);
         tracing::info!(
             target: "arbiter::identity",
             source = self.source,
             position,
             entities = self.store.store().len(),
-            refused = refused.len(),
+            refused = listing.refused.len() + listing.rejected.len(),
+            build_ms = started.elapsed().as_millis() as u64,
             "identity data synced in full"
         );
+        Ok(())
     }
 
     /// Applies a batch of changes up to `position`, then publishes once.
@@ -498,6 +521,39 @@ impl Applier {
 }
 
 /// How many entities differ between two stores.
+/// A full listing made into a store, off the async workers.
+struct Listing {
+    store: EntityStore,
+    /// Rows the source could not map.
+    rejected: Vec<RejectedRow>,
+    /// Entities the store refused (missing parent, cycle).
+    refused: Vec<StoreError>,
+    /// Entities that differ from the store served before; `None` on the
+    /// first full sync.
+    drift: Option<usize>,
+}
+
+impl Listing {
+    fn build(rows: Vec<MappedRow>, previous: Option<Arc<EntityStore>>) -> Listing {
+        let mut rejected = Vec::new();
+        // Collected in place (the rows' allocation is reused).
+        let good: Vec<StoredEntity> = rows
+            .into_iter()
+            .filter_map(|row| row.map_err(|row| rejected.push(*row)).ok())
+            .collect();
+        // Unchanged entities keep their stored version, so prepared slices
+        // of them stay valid across a reconciliation.
+        let (store, refused) = EntityStore::from_entities_reusing(good, previous.as_deref());
+        let drift = previous.map(|previous| drift(&previous, &store));
+        Listing {
+            store,
+            rejected,
+            refused,
+            drift,
+        }
+    }
+}
+
 fn drift(old: &EntityStore, new: &EntityStore) -> usize {
     let changed = new
         .iter()

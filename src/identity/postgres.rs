@@ -17,14 +17,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cedar_policy::EntityUid;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::{Notify, watch};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
-use super::{Applier, Change, Engine, IdentityError, RowError, RowParser, SyncStatus};
+use super::{
+    Applier, Change, Engine, IdentityError, MappedRow, RejectedRow, RowError, RowParser, SyncStatus,
+};
 
 /// `[identity.postgres]`. The URL (which may hold a password) comes from the
 /// file, `ARBITER_POSTGRES_URL`, or `url_file`; never from a flag.
@@ -320,7 +321,7 @@ async fn full_sync(
         }
     }
     client_tx.commit().await?;
-    applier.replace_all(rows, position.max(0) as u64);
+    applier.replace_all(rows, position.max(0) as u64).await?;
     Ok(())
 }
 
@@ -388,7 +389,7 @@ async fn poll(
                 .first()
                 .and_then(|row| row_to_entity(row, &mut parser))
             {
-                Some((_, entity)) => Change::Upsert(uid, entity),
+                Some(entity) => Change::Upsert(uid, entity.map_err(|row| row.error)),
                 None => Change::Delete(uid),
             },
         );
@@ -421,13 +422,7 @@ impl<'a> ReadSnapshot<'a> {
 
 /// A mapped row as (uid, entity or why not). `None` when even the uid is
 /// unreadable (logged).
-fn row_to_entity(
-    row: &Row,
-    parser: &mut RowParser,
-) -> Option<(
-    EntityUid,
-    Result<crate::engine::entity_store::StoredEntity, RowError>,
-)> {
+fn row_to_entity(row: &Row, parser: &mut RowParser) -> Option<MappedRow> {
     let type_name: Result<String, _> = row.try_get(0);
     let id: Result<String, _> = row.try_get(1);
     let (type_name, id) = match (type_name, id) {
@@ -460,5 +455,5 @@ fn row_to_entity(
         ),
         (Err(error), _) | (_, Err(error)) => Err(error),
     };
-    Some((uid, entity))
+    Some(entity.map_err(|error| Box::new(RejectedRow { uid, error })))
 }

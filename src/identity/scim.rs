@@ -26,7 +26,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cedar_policy::EntityUid;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
@@ -131,6 +130,8 @@ pub enum ScimError {
     },
     #[error("`{url}` did not answer a SCIM list response: {message}")]
     Body { url: String, message: String },
+    #[error(transparent)]
+    Build(#[from] super::BuildError),
 }
 
 /// Runs the sync until `stop` changes; failures keep the cache serving and
@@ -228,7 +229,7 @@ impl State {
             .filter_map(|(id, is_user)| self.entity(source, &id, is_user, &mut parser))
             .collect();
         let position = self.next_position(applier);
-        applier.replace_all(rows, position);
+        applier.replace_all(rows, position).await?;
         Ok(())
     }
 
@@ -289,8 +290,11 @@ impl State {
             if !exists {
                 continue; // a listed member that no longer exists
             }
-            if let Some((uid, entity)) = self.entity(source, &id, is_user, &mut parser) {
-                changes.push(Change::Upsert(uid, entity));
+            if let Some(entity) = self.entity(source, &id, is_user, &mut parser) {
+                changes.push(match entity {
+                    Ok(entity) => Change::Upsert(entity.uid().clone(), Ok(entity)),
+                    Err(row) => Change::Upsert(row.uid, Err(row.error)),
+                });
             }
         }
         let position = self.next_position(applier);
@@ -364,10 +368,7 @@ impl State {
         id: &str,
         is_user: bool,
         parser: &mut RowParser,
-    ) -> Option<(
-        EntityUid,
-        Result<crate::engine::entity_store::StoredEntity, super::RowError>,
-    )> {
+    ) -> Option<super::MappedRow> {
         let (type_name, resource) = if is_user {
             (&source.user_type, self.users.get(id)?)
         } else {
@@ -387,10 +388,11 @@ impl State {
         } else {
             group_attrs(resource)
         };
-        Some((
-            uid.clone(),
-            parser.entity(&uid, Value::Object(attrs), Value::Array(parents)),
-        ))
+        Some(
+            parser
+                .entity(&uid, Value::Object(attrs), Value::Array(parents))
+                .map_err(|error| Box::new(super::RejectedRow { uid, error })),
+        )
     }
 }
 
