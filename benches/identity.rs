@@ -127,6 +127,14 @@ fn resident_bytes() -> u64 {
 }
 
 fn engine_with(store: Arc<EntityStore>, slice_cache_capacity: u64) -> Arc<Engine> {
+    engine_with_caches(store, 0, slice_cache_capacity)
+}
+
+fn engine_with_caches(
+    store: Arc<EntityStore>,
+    decision_cache_capacity: u64,
+    slice_cache_capacity: u64,
+) -> Arc<Engine> {
     let engine = Arc::new(Engine::with_external_data());
     let inputs = Inputs {
         policy_files: vec![SourceFile {
@@ -138,7 +146,7 @@ fn engine_with(store: Arc<EntityStore>, slice_cache_capacity: u64) -> Arc<Engine
         entities: None,
     };
     let options = LoadOptions {
-        decision_cache_capacity: 0,
+        decision_cache_capacity,
         slice_cache_capacity,
         ..LoadOptions::default()
     };
@@ -234,7 +242,15 @@ fn identity(c: &mut Criterion) {
     drop(ids);
     let big = Arc::try_unwrap(big).unwrap_or_else(|shared| EntityStore::clone(&shared));
     let mut changes = c.benchmark_group("identity_apply_one_change");
-    for (label, users) in [(change_small, store(change_small)), (large, big)] {
+    // With caches off, and with the server's default caches (a publish
+    // starts the snapshot's decision cache anew).
+    let defaults = LoadOptions::default();
+    let runs = [
+        ("", change_small, store(change_small)),
+        ("", large, big),
+        ("server_caches/", change_small, store(change_small)),
+    ];
+    for (caches, label, users) in runs {
         // What `identity::Applier::apply` does for one change: write it
         // through the store's writer (which first catches its spare copy up
         // on the previous change, freeing the version that one replaced),
@@ -243,7 +259,15 @@ fn identity(c: &mut Criterion) {
         // source's parsing). The first write after a full sync copies the
         // map once; it falls in the warm-up.
         let mut writer = StoreWriter::new(users);
-        let engine = engine_with(writer.store().clone(), 0);
+        let engine = if caches.is_empty() {
+            engine_with(writer.store().clone(), 0)
+        } else {
+            engine_with_caches(
+                writer.store().clone(),
+                defaults.decision_cache_capacity,
+                defaults.slice_cache_capacity,
+            )
+        };
         let mut position = 2;
         let mut n = 0usize;
         // The first write after a full sync copies the map (no spare yet).
@@ -254,20 +278,24 @@ fn identity(c: &mut Criterion) {
             "identity bench: first change after a full sync at {label} users (copies the map) took {:.1?}",
             started.elapsed()
         );
-        changes.bench_function(BenchmarkId::from_parameter(label), |b| {
-            b.iter_batched(
-                || {
-                    n = (n + 7919) % label;
-                    position += 1;
-                    (user(n, (position % 4) as i64), position)
-                },
-                |(entity, position)| {
-                    writer.write(|batch| batch.upsert(entity).unwrap());
-                    engine.publish_data(EntityData::from_store(writer.store().clone(), position));
-                },
-                BatchSize::SmallInput,
-            );
-        });
+        changes.bench_function(
+            BenchmarkId::from_parameter(format!("{caches}{label}")),
+            |b| {
+                b.iter_batched(
+                    || {
+                        n = (n + 7919) % label;
+                        position += 1;
+                        (user(n, (position % 4) as i64), position)
+                    },
+                    |(entity, position)| {
+                        writer.write(|batch| batch.upsert(entity).unwrap());
+                        engine
+                            .publish_data(EntityData::from_store(writer.store().clone(), position));
+                    },
+                    BatchSize::SmallInput,
+                );
+            },
+        );
     }
     changes.finish();
 }

@@ -73,6 +73,10 @@ fn engine(slice_cache_capacity: u64, store: &Arc<EntityStore>) -> Engine {
 }
 
 fn publish_policies(engine: &Engine, slice_cache_capacity: u64) {
+    publish_policies_with(engine, 0, slice_cache_capacity);
+}
+
+fn publish_policies_with(engine: &Engine, decision_cache_capacity: u64, slice_cache_capacity: u64) {
     let inputs = Inputs {
         policy_files: vec![SourceFile {
             name: "policies.cedar".into(),
@@ -83,7 +87,7 @@ fn publish_policies(engine: &Engine, slice_cache_capacity: u64) {
         entities: None,
     };
     let options = LoadOptions {
-        decision_cache_capacity: 0,
+        decision_cache_capacity,
         slice_cache_capacity,
         ..LoadOptions::default()
     };
@@ -337,4 +341,61 @@ fn a_policy_publish_starts_an_empty_slice_cache() {
     publish_policies(&pair.cached, 1 << 20);
     assert_eq!(pair.decide("ann", "read", "d1").slice, SliceUse::Built);
     assert_eq!(pair.decide("ann", "read", "d1").slice, SliceUse::Cached);
+}
+
+/// With synced data the decision cache outlives a data publish (one per
+/// policy set), so every answer is cached under its snapshot's generation:
+/// a new snapshot never gets an answer decided against older data, even one
+/// that a decision still running on an older snapshot caches after the
+/// publish.
+#[test]
+fn the_decision_cache_never_answers_from_older_data() {
+    let input = CheckInput {
+        principal: Some(UidInput {
+            type_name: "User",
+            id: "bob",
+        }),
+        action: Some(UidInput {
+            type_name: "Action",
+            id: "view",
+        }),
+        resource: Some(UidInput {
+            type_name: "Doc",
+            id: "d1",
+        }),
+        context_json: "",
+        entities_json: "",
+    };
+    let (store, refused) = EntityStore::from_entities(seed());
+    assert!(refused.is_empty());
+    let mut store = StoreWriter::new(store);
+    let engine = Engine::with_external_data();
+    publish_policies_with(&engine, 1024, 0);
+    engine.publish_data(EntityData::from_store(store.store().clone(), 1));
+    let ask = || engine.check(&input).unwrap();
+
+    // bob's clearance is 1: denied, then the same answer from the cache.
+    assert!(!ask().allowed && !ask().allowed);
+    assert!(ask().cached);
+    let before = engine.snapshot().unwrap();
+
+    // Clearance 2: allowed, decided afresh, then cached.
+    store.write(|batch| batch.upsert(user("bob", &["other"], 2, None)).unwrap());
+    engine.publish_data(EntityData::from_store(store.store().clone(), 2));
+    let after = ask();
+    assert!(after.allowed && !after.cached, "{after:?}");
+    assert!(ask().cached && ask().allowed);
+
+    // A decision still on the older snapshot answers from its own data
+    // and caches that; the current snapshot never sees it.
+    for _ in 0..2 {
+        assert!(!engine.check_against(&before, &input).unwrap().allowed);
+    }
+    assert!(ask().allowed);
+
+    // A publish of the very same data (a reconciliation that found nothing)
+    // still starts afresh.
+    engine.publish_data(EntityData::from_store(store.store().clone(), 2));
+    let again = ask();
+    assert!(again.allowed && !again.cached, "{again:?}");
 }

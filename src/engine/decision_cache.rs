@@ -1,10 +1,15 @@
-//! A bounded cache of decisions, owned by one [`Snapshot`](super::Snapshot).
+//! A bounded cache of decisions.
 //!
 //! A sidecar sees the same question many times (the same user, action,
 //! resource and context). Evaluating Cedar again gives the same answer as
-//! long as the policies and the data are the same, and they are: the cache
-//! lives inside the immutable snapshot, so publishing a new snapshot starts
-//! an empty cache and a stale answer cannot outlive the state it came from.
+//! long as the policies and the data are the same. Every
+//! [`Snapshot`](super::Snapshot) has its own generation, and an answer is
+//! cached under the generation of the snapshot it was decided against, so a
+//! stale answer can never be served from a newer state. With synced data a
+//! snapshot is published per change, so the cache is shared by the
+//! snapshots of one policy set (a new one with every policy publish) and
+//! emptied (`clear`) by each data publish: building a `moka` cache took
+//! 4.5 µs, as much as the rest of applying a change.
 //! Only well-formed requests without request-scoped entities are cached;
 //! every answer still gets its own decision id.
 
@@ -31,8 +36,11 @@ pub(crate) struct DecisionCache {
     /// lookups went from ~4,400 to ~1,400 instructions, callgrind);
     /// foldhash's per-cache random seed still keeps a caller from choosing
     /// colliding keys in advance.
-    entries: moka::sync::Cache<Box<str>, Arc<CachedOutcome>, foldhash::fast::RandomState>,
+    entries: moka::sync::Cache<DecisionKey, Arc<CachedOutcome>, foldhash::fast::RandomState>,
 }
+
+/// A request's key, under the generation of the snapshot that answers it.
+pub(crate) type DecisionKey = (u64, Box<str>);
 
 impl DecisionCache {
     /// `None` when `capacity` is zero (caching off).
@@ -74,12 +82,18 @@ impl DecisionCache {
         Some(key.into_boxed_str())
     }
 
-    pub fn get(&self, key: &str) -> Option<Arc<CachedOutcome>> {
+    pub fn get(&self, key: &DecisionKey) -> Option<Arc<CachedOutcome>> {
         self.entries.get(key)
     }
 
-    pub fn insert(&self, key: Box<str>, outcome: CachedOutcome) {
+    pub fn insert(&self, key: DecisionKey, outcome: CachedOutcome) {
         self.entries.insert(key, Arc::new(outcome));
+    }
+
+    /// Lets go of every answer given so far (they are under older
+    /// generations: never served again, only taking room).
+    pub fn clear(&self) {
+        self.entries.invalidate_all();
     }
 }
 

@@ -76,6 +76,9 @@ struct Parts {
     slice_cache_capacity: u64,
     /// Prepared slices for the current policies, kept across data publishes.
     slices: Option<Arc<slice_cache::SliceCache>>,
+    /// Decisions for the current policies (synced data): one cache for all
+    /// the snapshots of a policy set, emptied by each data publish.
+    decisions: Option<Arc<decision_cache::DecisionCache>>,
 }
 
 impl Default for Engine {
@@ -115,6 +118,7 @@ impl Engine {
             // Slices hold the policies' literals and action entities.
             parts.slices =
                 slice_cache::SliceCache::new(snapshot.slice_cache_capacity).map(Arc::new);
+            parts.decisions = snapshot.decisions.clone();
             self.assemble(&parts);
         } else {
             parts.data = Some(snapshot.data.clone());
@@ -129,14 +133,19 @@ impl Engine {
     pub fn publish_data(&self, data: EntityData) {
         let mut parts = self.parts.lock().unwrap_or_else(PoisonError::into_inner);
         parts.data = Some(Arc::new(data));
+        if let Some(decisions) = &parts.decisions {
+            // Before the new snapshot is out: what it caches stays.
+            decisions.clear();
+        }
         self.assemble(&parts);
     }
 
     fn assemble(&self, parts: &Parts) {
         if let (Some(policies), Some(data)) = (&parts.policies, &parts.data) {
-            let mut snapshot = Snapshot::new(
+            let mut snapshot = Snapshot::with_caches(
                 policies.clone(),
                 data.clone(),
+                parts.decisions.clone(),
                 parts.decision_cache_capacity,
                 parts.slice_cache_capacity,
             );
@@ -218,15 +227,16 @@ impl Engine {
         // part of the key, so different claims never share an answer.
         let cache_key = snapshot.decisions.as_ref().and_then(|_| {
             let key = decision_cache::DecisionCache::key(input)?;
-            match scope {
-                None => Some(key),
+            let key = match scope {
+                None => key,
                 Some(scope) => {
                     let mut key = String::from(key);
                     key.push('|');
                     scope.push_canonical(&mut key);
-                    Some(key.into_boxed_str())
+                    key.into_boxed_str()
                 }
-            }
+            };
+            Some((snapshot.generation, key))
         });
         let hit = match (&snapshot.decisions, &cache_key) {
             (Some(cache), Some(key)) => cache.get(key),

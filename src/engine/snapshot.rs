@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::decision_cache::DecisionCache;
 use super::entity_store::{EntityStore, MaterializeError};
@@ -17,8 +18,10 @@ use cedar_policy::{Entities, Entity, EntityUid, EvalResult, PolicySet, Schema};
 pub struct Snapshot {
     pub policies: Arc<PolicySnapshot>,
     pub data: Arc<EntityData>,
-    /// Answers already given from exactly this state; born empty with it.
-    pub(crate) decisions: Option<DecisionCache>,
+    /// Answers given from this state are cached under `generation`.
+    pub(crate) decisions: Option<Arc<DecisionCache>>,
+    /// Unique to this snapshot in the process.
+    pub(crate) generation: u64,
     pub(crate) decision_cache_capacity: u64,
     /// Prepared slices of synced data; shared by the snapshots of one
     /// policy set (set by the engine, which owns it).
@@ -36,10 +39,30 @@ impl Snapshot {
         decision_cache_capacity: u64,
         slice_cache_capacity: u64,
     ) -> Self {
+        let decisions = DecisionCache::new(decision_cache_capacity).map(Arc::new);
+        Self::with_caches(
+            policies,
+            data,
+            decisions,
+            decision_cache_capacity,
+            slice_cache_capacity,
+        )
+    }
+
+    /// A snapshot that shares `decisions` (the engine's, for synced data).
+    pub(crate) fn with_caches(
+        policies: Arc<PolicySnapshot>,
+        data: Arc<EntityData>,
+        decisions: Option<Arc<DecisionCache>>,
+        decision_cache_capacity: u64,
+        slice_cache_capacity: u64,
+    ) -> Self {
+        static GENERATIONS: AtomicU64 = AtomicU64::new(0);
         Snapshot {
             policies,
             data,
-            decisions: DecisionCache::new(decision_cache_capacity),
+            decisions,
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             decision_cache_capacity,
             slices: None,
             slice_cache_capacity,
