@@ -12,6 +12,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 USERS=${USERS:-1000000}
 # KEEP_DB=1: keep the loaded database (arbiter_load_<USERS>) for the next
 # run, and reuse it when it is there (the load takes minutes at 1M).
+# LOAD_ONLY=1 (with KEEP_DB=1): stop once the database is there
+# (benches/identity_pg_decide.sh prepares its databases so).
 if [[ -n "${KEEP_DB:-}" ]]; then DB=arbiter_load_$USERS; else DB=arbiter_load_$$; fi
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 BIN=${ARBITER_BIN:-target/release/arbiter}
@@ -57,6 +59,7 @@ SQL
   echo "loaded $USERS users into postgres in $(echo "$(date +%s.%N) - $started" | bc) s"
 
 fi
+[[ -n "${LOAD_ONLY:-}" && -n "${KEEP_DB:-}" ]] && exit 0
 
 # How long the mapping query alone takes (part of the time to ready).
 "${PSQL[@]}" -d "$DB" -c '\timing on' \
@@ -80,9 +83,10 @@ done
 ready=$(echo "$(date +%s.%N) - $started" | bc)
 rss() { awk '/VmRSS/ {print $2}' "/proc/$PID/status"; }
 report() {
-  local kb
+  local kb peak
   kb=$(rss)
-  echo "$1: resident $((kb / 1024)) MiB, $((kb * 1024 / USERS)) bytes per user"
+  peak=$(awk '/VmHWM/ {print $2}' "/proc/$PID/status")
+  echo "$1: resident $((kb / 1024)) MiB, $((kb * 1024 / USERS)) bytes per user (peak so far $((peak / 1024)) MiB)"
 }
 echo "time to ready: $ready s"
 report "at ready"

@@ -507,15 +507,46 @@ async fn reconciliation_repairs_and_reports_drift() {
 /// default, each way), and a membership change of a group with 10,000
 /// members. Prints the figures; asserts only correctness.
 /// `cargo test --release --test identity_postgres -- --ignored --nocapture latency`
+///
+/// `ARBITER_LATENCY_DATABASE=arbiter_load_1000000` runs it against a
+/// database kept by `KEEP_DB=1 bash benches/identity_pg_load.sh` (1M users)
+/// instead of the small example data: the test adds the rows it writes and
+/// removes them at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement; run with --ignored --nocapture"]
 async fn latency_commit_to_decision() {
-    let db = TestDb::create(SEED).await;
+    let kept = std::env::var("ARBITER_LATENCY_DATABASE").ok();
+    let db = match &kept {
+        Some(name) => {
+            let client = connect(name).await;
+            client.batch_execute(LATENCY_CLEANUP).await.unwrap();
+            client
+                .batch_execute(
+                    "INSERT INTO groups VALUES ('eng', 'acme', 'Engineering', NULL); \
+                     INSERT INTO users VALUES ('ann', 'acme', 'ann@acme.test', 'active', '{}');",
+                )
+                .await
+                .unwrap();
+            TestDb {
+                name: name.clone(),
+                client,
+            }
+        }
+        None => TestDb::create(SEED).await,
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut identity = identity(&db.name);
     // Only NOTIFY makes changes prompt.
     identity.postgres.as_mut().unwrap().poll_interval_ms = Some(60_000);
-    let server = start(&dir, identity).await;
+    let loading = std::time::Instant::now();
+    let mut config = server_config(&dir);
+    config.identity = Some(identity);
+    let server = TestServer::spawn(config).await;
+    // A million users take about 40 s to sync.
+    server
+        .wait_for_within(ServingStatus::Serving, Duration::from_secs(300))
+        .await;
+    println!("server ready on {} in {:?}", db.name, loading.elapsed());
     let mut client = server.client().await;
     let mut ask = async |principal: &str| {
         client
@@ -608,8 +639,17 @@ async fn latency_commit_to_decision() {
     assert!(!ask("m1").await && !ask("m10000").await);
     println!("moving a group of 10,000 members: visible in {first:?}");
     server.stop().await.unwrap();
-    db.drop().await;
+    if kept.is_some() {
+        db.client.batch_execute(LATENCY_CLEANUP).await.unwrap();
+    } else {
+        db.drop().await;
+    }
 }
+
+/// What `latency_commit_to_decision` adds to a kept load database.
+const LATENCY_CLEANUP: &str = "DELETE FROM memberships WHERE user_id = 'ann' OR user_id LIKE 'm%'; \
+     DELETE FROM users WHERE id = 'ann' OR id LIKE 'm%'; \
+     DELETE FROM groups WHERE id IN ('big', 'eng');";
 
 /// The embedded example policies (with their schema and action groups)
 /// over identity data from Postgres.

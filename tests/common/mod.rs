@@ -104,7 +104,11 @@ impl TestServer {
     }
 
     pub async fn wait_for(&self, status: ServingStatus) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        self.wait_for_within(status, Duration::from_secs(20)).await;
+    }
+
+    pub async fn wait_for_within(&self, status: ServingStatus, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             if self.health().await == status {
                 return;
