@@ -95,7 +95,14 @@ sleep 10
 report "10 s later"
 # The first change after a full sync makes the store's second copy (two maps
 # of pointers; the entities are shared).
+applied() {
+  curl -sf 127.0.0.1:50792/metrics | awk '/^arbiter_identity_applied_position/ {print $2}'
+}
+before=$(applied)
 "${PSQL[@]}" -d "$DB" -c "UPDATE users SET attributes = attributes || '{\"clearance\": 9}' WHERE id = 'u1'"
+committed=$(date +%s.%N)
+while [[ $(applied) == "$before" ]]; do sleep 0.005; done
+echo "the first change after the full sync applied $(echo "($(date +%s.%N) - $committed) * 1000" | bc) ms after its COMMIT (polling /metrics)"
 sleep 3
 curl -sf 127.0.0.1:50792/metrics | grep -E '^arbiter_identity_(applied_position|store_copies_total)' || true
 report "after one change"
