@@ -523,7 +523,6 @@ impl Applier {
     }
 }
 
-/// How many entities differ between two stores.
 /// A full listing made into a store, off the async workers.
 struct Listing {
     /// The new store, with its spare copy made.
@@ -540,7 +539,8 @@ struct Listing {
 impl Listing {
     fn build(rows: Vec<MappedRow>, previous: Option<Arc<EntityStore>>) -> Listing {
         let mut rejected = Vec::new();
-        // Collected in place (the rows' allocation is reused).
+        // std collects this in place when the layouts allow it, reusing
+        // the rows' allocation.
         let good: Vec<StoredEntity> = rows
             .into_iter()
             .filter_map(|row| row.map_err(|row| rejected.push(*row)).ok())
@@ -558,6 +558,7 @@ impl Listing {
     }
 }
 
+/// How many entities differ between two stores.
 fn drift(old: &EntityStore, new: &EntityStore) -> usize {
     let changed = new
         .iter()
