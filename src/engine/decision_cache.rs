@@ -8,8 +8,9 @@
 //! stale answer can never be served from a newer state. With synced data a
 //! snapshot is published per change, so the cache is shared by the
 //! snapshots of one policy set (a new one with every policy publish) and
-//! emptied (`clear`) by each data publish: building a `moka` cache took
-//! 4.5 µs, as much as the rest of applying a change.
+//! emptied (`clear`) by each data publish: a new `moka` cache per publish
+//! made applying one change cost twice as much (identity bench,
+//! `server_caches`; ARCHITECTURE.md).
 //! Only well-formed requests without request-scoped entities are cached;
 //! every answer still gets its own decision id.
 

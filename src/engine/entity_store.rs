@@ -584,39 +584,40 @@ impl EntityStore {
         let mut store = EntityStore {
             entities: HashMap::with_capacity_and_hasher(rows.len(), Default::default()),
         };
-        for root in 0..rows.len() {
-            if marks[root] != Mark::New {
-                continue;
-            }
-            let Some(entity) = &rows[root] else { continue };
+        // Puts row `at` on the walk, its parents' rows after those of the
+        // rows below it.
+        let open = |at: u32,
+                    entity: &StoredEntity,
+                    marks: &mut [Mark],
+                    parents: &mut Vec<u32>,
+                    stack: &mut Vec<(u32, usize, usize)>| {
             let first = parents.len();
             parents.extend(
                 entity
                     .parent_uids()
                     .filter_map(|parent| index.get(parent).copied()),
             );
-            marks[root] = Mark::Open;
-            stack.push((root as u32, first, first));
+            marks[at as usize] = Mark::Open;
+            stack.push((at, first, first));
+        };
+        for root in 0..rows.len() {
+            if marks[root] != Mark::New {
+                continue;
+            }
+            let Some(entity) = &rows[root] else { continue };
+            open(root as u32, entity, &mut marks, &mut parents, &mut stack);
             while let Some(&mut (at, first, ref mut next)) = stack.last_mut() {
                 if let Some(&parent) = parents.get(*next) {
-                    match marks[parent as usize] {
-                        Mark::New if rows[parent as usize].is_some() => {
-                            let entity = rows[parent as usize].as_ref();
-                            let parent_first = parents.len();
-                            parents.extend(entity.into_iter().flat_map(|entity| {
-                                entity
-                                    .parent_uids()
-                                    .filter_map(|uid| index.get(uid).copied())
-                            }));
-                            marks[parent as usize] = Mark::Open;
-                            stack.push((parent, parent_first, parent_first));
+                    match (marks[parent as usize], &rows[parent as usize]) {
+                        (Mark::New, Some(entity)) => {
+                            open(parent, entity, &mut marks, &mut parents, &mut stack);
                         }
                         // On a cycle (open: below on this walk), or refused.
-                        Mark::New | Mark::Open | Mark::Left => {
+                        (Mark::New | Mark::Open | Mark::Left, _) => {
                             marks[at as usize] = Mark::Left;
                             *next += 1;
                         }
-                        Mark::Stored => *next += 1,
+                        (Mark::Stored, _) => *next += 1,
                     }
                     continue;
                 }
@@ -802,7 +803,7 @@ impl StoreWriter {
                 }
                 spare
             }
-            // No spare yet (after a full sync), or a snapshot still holds it.
+            // No spare (a writer made by `new`), or a snapshot still holds it.
             Some(Err(_)) | None => {
                 metrics::counter!("arbiter_identity_store_copies_total").increment(1);
                 Arc::new(EntityStore::clone(&self.live))
@@ -860,8 +861,6 @@ impl StoreBatch<'_> {
     }
 }
 
-/// True when `start` reaches itself through parents among the entities
-/// left in `rows`.
 /// Where a row of a full listing is in [`EntityStore::from_entities_reusing`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mark {
@@ -873,6 +872,8 @@ enum Mark {
     Left,
 }
 
+/// True when `start` reaches itself through parents among the entities
+/// left in `rows`.
 fn on_cycle(
     rows: &[Option<StoredEntity>],
     index: &HashMap<Arc<EntityUid>, u32, foldhash::fast::RandomState>,

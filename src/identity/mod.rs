@@ -315,7 +315,7 @@ fn render(error: &dyn std::error::Error) -> String {
 )]
 pub enum Change {
     /// The entity's current state (or why its row could not be read).
-    Upsert(EntityUid, Result<StoredEntity, RowError>),
+    Upsert(MappedRow),
     Delete(EntityUid),
 }
 
@@ -413,8 +413,8 @@ impl Applier {
         let mut deletes = Vec::new();
         for change in changes {
             match change {
-                Change::Upsert(_, Ok(entity)) => pending.push(entity),
-                Change::Upsert(uid, Err(error)) => self.reject_row(&uid, &error),
+                Change::Upsert(Ok(entity)) => pending.push(entity),
+                Change::Upsert(Err(row)) => self.reject_row(&row.uid, &row.error),
                 Change::Delete(uid) => deletes.push(uid),
             }
         }

@@ -389,7 +389,7 @@ async fn poll(
                 .first()
                 .and_then(|row| row_to_entity(row, &mut parser))
             {
-                Some(entity) => Change::Upsert(uid, entity.map_err(|row| row.error)),
+                Some(entity) => Change::Upsert(entity),
                 None => Change::Delete(uid),
             },
         );

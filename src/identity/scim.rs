@@ -291,10 +291,7 @@ impl State {
                 continue; // a listed member that no longer exists
             }
             if let Some(entity) = self.entity(source, &id, is_user, &mut parser) {
-                changes.push(match entity {
-                    Ok(entity) => Change::Upsert(entity.uid().clone(), Ok(entity)),
-                    Err(row) => Change::Upsert(row.uid, Err(row.error)),
-                });
+                changes.push(Change::Upsert(entity));
             }
         }
         let position = self.next_position(applier);
