@@ -18,7 +18,7 @@ use std::time::Instant;
 use arbiter::engine::entity_store::{EntityStore, StoreWriter, StoredEntity};
 use arbiter::engine::loader::{Inputs, SourceFile, build};
 use arbiter::engine::{CheckInput, Decision, Engine, EntityData, LoadOptions, SliceUse, UidInput};
-use cedar_policy::{Entity, EntityUid, RestrictedExpression};
+use cedar_policy::{Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 
 // The server's allocator (src/main.rs): what a change frees and allocates
@@ -76,7 +76,10 @@ fn entity(
     StoredEntity::from_entity(&entity, parents).unwrap()
 }
 
-fn user(n: usize, clearance: i64) -> StoredEntity {
+/// User `u<n>`, its uid of type `user_type`: as in the server, where one
+/// `RowParser` per listing or batch parses each type name once and the
+/// uids it makes share that type.
+fn user(n: usize, clearance: i64, user_type: &EntityTypeName) -> StoredEntity {
     let mut seed = (n as u64)
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
@@ -105,7 +108,12 @@ fn user(n: usize, clearance: i64) -> StoredEntity {
             RestrictedExpression::new_long(clearance),
         ),
     ]);
-    entity(uid(format!("User::\"u{n}\"")), parents, attrs)
+    let uid = EntityUid::from_type_name_and_id(user_type.clone(), EntityId::new(format!("u{n}")));
+    entity(uid, parents, attrs)
+}
+
+fn user_type() -> EntityTypeName {
+    "User".parse().unwrap()
 }
 
 fn store(users: usize) -> EntityStore {
@@ -113,8 +121,9 @@ fn store(users: usize) -> EntityStore {
     for group in groups() {
         store.upsert(group).unwrap();
     }
+    let user_type = user_type();
     for n in 0..users {
-        store.upsert(user(n, (n % 4) as i64)).unwrap();
+        store.upsert(user(n, (n % 4) as i64, &user_type)).unwrap();
     }
     store
 }
@@ -241,60 +250,159 @@ fn identity(c: &mut Criterion) {
     // holder (the engines above are gone).
     drop(ids);
     let big = Arc::try_unwrap(big).unwrap_or_else(|shared| EntityStore::clone(&shared));
-    let mut changes = c.benchmark_group("identity_apply_one_change");
     // With caches off, and with the server's default caches (a publish
     // starts the snapshot's decision cache anew).
     let defaults = LoadOptions::default();
-    let runs = [
-        ("", change_small, store(change_small)),
-        ("", large, big),
-        ("server_caches/", change_small, store(change_small)),
-    ];
-    for (caches, label, users) in runs {
-        // What `identity::Applier::apply` does for one change: write it
-        // through the store's writer (which first catches its spare copy up
-        // on the previous change, freeing the version that one replaced),
-        // upsert with the checks, and publish a snapshot, which frees the
-        // snapshot before. The entity is built outside the timing (the
-        // source's parsing). The writer is made as a full sync makes it,
-        // with its spare copy (timed here: the copy of the map).
-        let started = Instant::now();
-        let mut writer = StoreWriter::with_spare(users);
-        eprintln!(
-            "identity bench: the full sync's spare copy at {label} users took {:.1?}",
-            started.elapsed()
-        );
-        let engine = if caches.is_empty() {
-            engine_with(writer.store().clone(), 0)
-        } else {
-            engine_with_caches(
-                writer.store().clone(),
-                defaults.decision_cache_capacity,
-                defaults.slice_cache_capacity,
-            )
-        };
-        let mut position = 1;
-        let mut n = 0usize;
+    let mut small = ChangeSide::new(change_small, store(change_small), None);
+    let mut large = ChangeSide::new(large, big, None);
+    let mut with_caches = ChangeSide::new(
+        change_small,
+        store(change_small),
+        Some((
+            defaults.decision_cache_capacity,
+            defaults.slice_cache_capacity,
+        )),
+    );
+    paired_change_ratio(&mut small, &mut large);
+    let mut changes = c.benchmark_group("identity_apply_one_change");
+    for (caches, side) in [
+        ("", &mut small),
+        ("", &mut large),
+        ("server_caches/", &mut with_caches),
+    ] {
         changes.bench_function(
-            BenchmarkId::from_parameter(format!("{caches}{label}")),
+            BenchmarkId::from_parameter(format!("{caches}{}", side.users)),
             |b| {
                 b.iter_batched(
-                    || {
-                        n = (n + 7919) % label;
-                        position += 1;
-                        (user(n, (position % 4) as i64), position)
-                    },
-                    |(entity, position)| {
-                        writer.write(|batch| batch.upsert(entity).unwrap());
-                        engine
-                            .publish_data(EntityData::from_store(writer.store().clone(), position));
-                    },
+                    || side.changes.next(),
+                    |(entity, position)| side.target.apply(entity, position),
                     BatchSize::SmallInput,
                 );
             },
         );
     }
     changes.finish();
+}
+
+/// One store changed one user at a time, as `identity::Applier::apply` does
+/// it: write the change through the store's writer (which first catches its
+/// spare copy up on the previous change, freeing the version that one
+/// replaced), upsert with the checks, and publish a snapshot, which frees
+/// the snapshot before. The entity is built outside the timing (the
+/// source's parsing). The writer is made as a full sync makes it, with its
+/// spare copy (timed: the copy of the map).
+struct ChangeSide {
+    users: usize,
+    changes: UserChanges,
+    target: ChangeTarget,
+}
+
+/// The store's writer and the engine it publishes to.
+struct ChangeTarget {
+    writer: StoreWriter,
+    engine: Arc<Engine>,
+}
+
+impl ChangeTarget {
+    fn apply(&mut self, entity: StoredEntity, position: u64) {
+        self.writer.write(|batch| batch.upsert(entity).unwrap());
+        self.engine.publish_data(EntityData::from_store(
+            self.writer.store().clone(),
+            position,
+        ));
+    }
+}
+
+/// The next user to change (stepping through all of them) and position.
+struct UserChanges {
+    users: usize,
+    position: u64,
+    next_user: usize,
+}
+
+impl UserChanges {
+    fn next(&mut self) -> (StoredEntity, u64) {
+        self.next_user = (self.next_user + 7919) % self.users;
+        self.position += 1;
+        // A batch of one change: its own parser.
+        let entity = user(self.next_user, (self.position % 4) as i64, &user_type());
+        (entity, self.position)
+    }
+}
+
+impl ChangeSide {
+    /// `caches`: the decision and slice cache capacities (none: both off).
+    fn new(users: usize, store: EntityStore, caches: Option<(u64, u64)>) -> Self {
+        let started = Instant::now();
+        let writer = StoreWriter::with_spare(store);
+        eprintln!(
+            "identity bench: the full sync's spare copy at {users} users took {:.1?}",
+            started.elapsed()
+        );
+        let engine = match caches {
+            None => engine_with(writer.store().clone(), 0),
+            Some((decisions, slices)) => {
+                engine_with_caches(writer.store().clone(), decisions, slices)
+            }
+        };
+        ChangeSide {
+            users,
+            changes: UserChanges {
+                users,
+                position: 1,
+                next_user: 0,
+            },
+            target: ChangeTarget { writer, engine },
+        }
+    }
+}
+
+/// The ratio of one change's cost at the large size to the small, side by
+/// side: blocks of changes alternate between the two stores (the order
+/// flips every round), so that the machine's drift (other guests on its
+/// cores and caches) falls on both alike, and the ratio is taken per pair
+/// of neighbouring blocks. Criterion's figures below time each size on
+/// its own, seconds apart.
+fn paired_change_ratio(small: &mut ChangeSide, large: &mut ChangeSide) {
+    let bench = std::env::args().any(|arg| arg == "--bench");
+    let (rounds, block) = if bench { (301, 200) } else { (3, 20) };
+    let per_change = |side: &mut ChangeSide| {
+        let changes: Vec<_> = (0..block).map(|_| side.changes.next()).collect();
+        let started = Instant::now();
+        for (entity, position) in changes {
+            side.target.apply(entity, position);
+        }
+        started.elapsed().as_secs_f64() / block as f64
+    };
+    let (mut small_times, mut large_times, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (s, l) = if round % 2 == 0 {
+            let s = per_change(small);
+            (s, per_change(large))
+        } else {
+            let l = per_change(large);
+            (per_change(small), l)
+        };
+        small_times.push(s);
+        large_times.push(l);
+        ratios.push(l / s);
+    }
+    eprintln!(
+        "identity bench: one change, {rounds} alternating blocks of {block}: median {:.2} µs at {} users, {:.2} µs at {} users; median ratio of neighbouring blocks {:.2}× (quartiles {:.2}–{:.2})",
+        quantile(&mut small_times, 0.5) * 1e6,
+        small.users,
+        quantile(&mut large_times, 0.5) * 1e6,
+        large.users,
+        quantile(&mut ratios, 0.5),
+        quantile(&mut ratios, 0.25),
+        quantile(&mut ratios, 0.75),
+    );
+}
+
+fn quantile(values: &mut [f64], q: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let index = ((values.len() - 1) as f64 * q).round() as usize;
+    values[index]
 }
 
 fn principals(users: usize) -> Vec<String> {
