@@ -15,7 +15,11 @@
 # ("default" = the server's default, 0 = no cache: full Cedar evaluation).
 # Prints req/s, p50 and p99 per mode and the ratios nats/off (goal >= 0.93)
 # and nats-down/off (goal >= 0.85); each round also prints the CPU ticks the
-# server and the nats-server process used (they share the machine's cores).
+# server and the nats-server process used (they share the machine's cores),
+# and the summary the CPU time per 1,000 requests of the server, of
+# nats-server and of the whole machine (h2load, kernel writeback and other
+# guests' noise included) over all rounds: on a saturated machine the
+# throughput ratio follows the whole machine's CPU per request.
 #
 #   bash benches/load/decision_log.sh
 #
@@ -60,6 +64,10 @@ clear_arbiter_env
 
 BODY=$WORK/check_request.bin
 "$BODYTOOL" encode "$BODY"
+
+# Busy ticks of the whole machine (every CPU, all but idle and iowait).
+machine_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+TICKS_PER_SECOND=$(getconf CLK_TCK)
 
 metric() { # metric ADMIN_PORT NAME_PREFIX: sum of matching samples
   curl -fsS "http://127.0.0.1:$1/metrics" | awk -v m="$2" 'index($1, m) == 1 { s += $2 } END { printf "%d\n", s }'
@@ -123,14 +131,22 @@ for cache in $CACHE_SIZES; do
     wait_ready "${ADMIN[$mode]}" "${SERVER_PID[$mode]}" "$WORK/arbiter-$mode.log"
   done
   echo "cache $cache: h2load -D ${DURATION}s (+${WARMUP}s) -c $CLIENTS -m $STREAMS; $ROUNDS rounds of ${MODES[*]}; $(nproc) cores" >&2
-  declare -A RPS=() P50=() P99=()
+  declare -A RPS=() P50=() P99=() SERVER_T=() NATS_T=() MACHINE_T=() REQUESTS=()
   for round in $(seq "$ROUNDS"); do
     for mode in "${MODES[@]}"; do
       server0=$(cpu_ticks "${SERVER_PID[$mode]}") nats0=$(cpu_ticks "$NATS_PID")
+      machine0=$(machine_ticks)
       run_load "${GRPC[$mode]}" "$mode"
+      machine_t=$(($(machine_ticks) - machine0))
       server_ticks=$(($(cpu_ticks "${SERVER_PID[$mode]}") - server0))
       nats_ticks=$(($(cpu_ticks "$NATS_PID") - nats0))
       RPS[$mode]+="$R_RPS " P50[$mode]+="$R_P50 " P99[$mode]+="$R_P99 "
+      # The ticks cover the warm-up too: requests over both (the rate of
+      # the measured part times their length), the same for every mode.
+      SERVER_T[$mode]=$((${SERVER_T[$mode]:-0} + server_ticks))
+      NATS_T[$mode]=$((${NATS_T[$mode]:-0} + nats_ticks))
+      MACHINE_T[$mode]=$((${MACHINE_T[$mode]:-0} + machine_t))
+      REQUESTS[$mode]=$(awk -v r="${REQUESTS[$mode]:-0}" -v x="$R_RPS" -v d=$((DURATION + WARMUP)) 'BEGIN { printf "%.0f", r + x * d }')
       printf 'cache %-7s round %d  %-9s %9.0f req/s  p50 %6d us  p99 %6d us  CPU ticks: server %5d, nats-server %5d\n' \
         "$cache" "$round" "$mode" "$R_RPS" "$R_P50" "$R_P99" "$server_ticks" "$nats_ticks" >&2
     done
@@ -139,7 +155,9 @@ for cache in $CACHE_SIZES; do
   off=$(median ${RPS[off]})
   echo
   echo "decision cache: $cache; median of $ROUNDS rounds, $((CLIENTS * STREAMS)) concurrent streams"
-  printf '  %-10s %10s %9s %9s %8s %12s %10s\n' mode 'req/s' 'p50 us' 'p99 us' ratio delivered dropped
+  printf '  %-10s %10s %9s %9s %8s %12s %10s %26s\n' mode 'req/s' 'p50 us' 'p99 us' ratio delivered dropped \
+    'CPU ms/1k req: srv nats all'
+  machine_off=$(awk -v t="${MACHINE_T[off]}" -v n="${REQUESTS[off]}" 'BEGIN { print t / n }')
   for mode in "${MODES[@]}"; do
     # shellcheck disable=SC2086
     rps=$(median ${RPS[$mode]})
@@ -147,9 +165,12 @@ for cache in $CACHE_SIZES; do
     delivered=$(metric "${ADMIN[$mode]}" arbiter_decision_log_delivered_total)
     dropped=$(metric "${ADMIN[$mode]}" arbiter_decision_log_dropped_total)
     spooled=$(metric "${ADMIN[$mode]}" arbiter_decision_log_spooled_total)
+    cpu=$(awk -v s="${SERVER_T[$mode]}" -v a="${NATS_T[$mode]}" -v m="${MACHINE_T[$mode]}" \
+      -v n="${REQUESTS[$mode]}" -v hz="$TICKS_PER_SECOND" -v off="$machine_off" \
+      'BEGIN { k = 1e6 / hz / n; printf "%6.3f %5.3f %6.3f (%.2fx)", s * k, a * k, m * k, m / n / off }')
     # shellcheck disable=SC2086
-    printf '  %-10s %10.0f %9d %9d %8s %12s %10s\n' "$mode" "$rps" "$(median ${P50[$mode]})" \
-      "$(median ${P99[$mode]})" "$ratio" "$delivered/$spooled" "$dropped"
+    printf '  %-10s %10.0f %9d %9d %8s %12s %10s %26s\n' "$mode" "$rps" "$(median ${P50[$mode]})" \
+      "$(median ${P99[$mode]})" "$ratio" "$delivered/$spooled" "$dropped" "$cpu"
     goal=
     [[ $mode == nats ]] && goal=$GOAL_NATS
     [[ $mode == nats-down ]] && goal=$GOAL_DOWN
