@@ -8,7 +8,10 @@
 # the keys of `tests/fixtures/jwt/jwks-a.json` (decision log on, to stdout,
 # which is redirected to a file), answers N own-API Checks, then N
 # ext_authz Checks of the same decision (the bodies of `ext_authz.sh`);
-# counters are zeroed after a warm-up and dumped after each phase.
+# counters are zeroed after a warm-up and dumped after each phase. Prints
+# the instructions per Check of each, how many of them decode the request
+# message (`callgrind_annotate`, inclusive), and how much of what 0.8x
+# allows ext_authz beyond the own API the decoding of Envoy's message takes.
 #
 #   bash benches/load/instructions.sh
 #
@@ -45,7 +48,7 @@ for _ in $(seq 600); do
 done
 curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN/ready" || { cat "$WORK/stderr.log" >&2; fail "not ready"; }
 
-declare -A PER=()
+declare -A PER=() DECODE=()
 for api in own ext_authz; do
   method=/arbiter.v1.Authorizer/Check body=$WORK/own.bin
   [[ $api == ext_authz ]] && method=/envoy.service.auth.v3.Authorization/Check body=$WORK/ext.bin
@@ -65,7 +68,18 @@ for api in own ext_authz; do
   total=$(awk '/^summary:/ { print $2 }' "$dump")
   PER[$api]=$((total / N))
   [[ -n ${KEEP:-} ]] && mkdir -p "$KEEP" && cp "$dump" "$KEEP/callgrind.$api.out"
-  printf '%-10s %12d instructions for %d Checks: %8d per Check\n' "$api" "$total" "$N" "${PER[$api]}"
+  # Decoding the request message (prost, through tonic's codec), inclusive.
+  decode=$(callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null |
+    awk '!found && /ProstDecoder<.*as tonic::codec::Decoder>::decode/ { gsub(/,/, "", $1); print $1; found = 1 }')
+  DECODE[$api]=$((${decode:-0} / N))
+  printf '%-10s %12d instructions for %d Checks: %8d per Check, %6d of them decoding the request\n' \
+    "$api" "$total" "$N" "${PER[$api]}" "${DECODE[$api]}"
 done
 awk -v a="${PER[own]}" -v b="${PER[ext_authz]}" \
   'BEGIN { printf "ext_authz / own-API instructions per Check: %.3f (own-API/ext_authz %.3f)\n", b / a, a / b }'
+# What 0.8x leaves ext_authz beyond the own API, and how much of it the
+# request's decoding alone takes (Envoy's message, from envoy-types).
+awk -v a="${PER[own]}" -v da="${DECODE[own]}" -v db="${DECODE[ext_authz]}" 'BEGIN {
+  budget = a / 0.8 - a
+  printf "at 0.8x, ext_authz may cost %d more than the own API; decoding its request costs %d more (%.0f%% of that)\n",
+    budget, db - da, 100 * (db - da) / budget }'
