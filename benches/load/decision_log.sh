@@ -65,8 +65,9 @@ clear_arbiter_env
 BODY=$WORK/check_request.bin
 "$BODYTOOL" encode "$BODY"
 
-# Busy ticks of the whole machine (every CPU, all but idle and iowait).
-machine_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+# Busy ticks of the whole machine (every CPU; not idle, iowait or steal,
+# the time the hypervisor gave other guests).
+machine_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
 TICKS_PER_SECOND=$(getconf CLK_TCK)
 
 metric() { # metric ADMIN_PORT NAME_PREFIX: sum of matching samples
