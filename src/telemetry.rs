@@ -3,6 +3,7 @@
 //! atomic operations and no registry lookup.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -10,6 +11,10 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::engine::{Decision, SliceUse};
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes `/metrics` (the exporter's own default for its installed mode).
+pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Installs the Prometheus recorder once per process and returns the handle
 /// that renders `/metrics`; `None` when another recorder was installed first.
@@ -29,9 +34,31 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
             describe();
+            spawn_upkeep(handle.clone());
             Some(handle)
         })
         .as_ref()
+}
+
+/// A recorder made by `build_recorder` keeps every histogram sample until
+/// something drains it: a scrape of `/metrics`, or this. Without it a
+/// server that nobody scrapes grew by about 17 bytes per decision (1.2M
+/// decisions: 37 MB resident to 58 MB; `tests/metrics_upkeep.rs`).
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("arbiter-metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(METRICS_UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(
+            %error,
+            "metrics upkeep thread not started: histogram samples are drained by scrapes only"
+        );
+    }
 }
 
 fn describe() {
