@@ -74,12 +74,15 @@ metric() { # metric ADMIN_PORT NAME_PREFIX: sum of matching samples
   curl -fsS "http://127.0.0.1:$1/metrics" | awk -v m="$2" 'index($1, m) == 1 { s += $2 } END { printf "%d\n", s }'
 }
 
-run_load() { # run_load PORT NAME: sets R_RPS R_P50 R_P99
-  local port=$1 name=$2 out=$WORK/$2.out log=$WORK/$2.log
+run_load() { # run_load PORT NAME: sets R_RPS R_P50 R_P99, and R_MACHINE_TICKS
+  local port=$1 name=$2 out=$WORK/$2.out log=$WORK/$2.log machine0
+  machine0=$(machine_ticks)
   h2load -D "$DURATION" --warm-up-time "$WARMUP" -c "$CLIENTS" -m "$STREAMS" -t "$THREADS" \
     -d "$BODY" -H 'content-type: application/grpc' -H 'te: trailers' \
     --log-file "$log" "http://127.0.0.1:$port$METHOD" >"$out" 2>&1 ||
     { cat "$out" >&2; fail "h2load failed against $name"; }
+  # The machine's busy time of the load alone (not of the sort below).
+  R_MACHINE_TICKS=$(($(machine_ticks) - machine0))
   local failed
   R_RPS=$(awk '/^finished in/ { sub(/,/, "", $4); print $4 }' "$out")
   failed=$(awk '/^requests:/ { print $10 + $12 + $14 }' "$out")
@@ -136,9 +139,7 @@ for cache in $CACHE_SIZES; do
   for round in $(seq "$ROUNDS"); do
     for mode in "${MODES[@]}"; do
       server0=$(cpu_ticks "${SERVER_PID[$mode]}") nats0=$(cpu_ticks "$NATS_PID")
-      machine0=$(machine_ticks)
       run_load "${GRPC[$mode]}" "$mode"
-      machine_t=$(($(machine_ticks) - machine0))
       server_ticks=$(($(cpu_ticks "${SERVER_PID[$mode]}") - server0))
       nats_ticks=$(($(cpu_ticks "$NATS_PID") - nats0))
       RPS[$mode]+="$R_RPS " P50[$mode]+="$R_P50 " P99[$mode]+="$R_P99 "
@@ -146,7 +147,7 @@ for cache in $CACHE_SIZES; do
       # the measured part times their length), the same for every mode.
       SERVER_T[$mode]=$((${SERVER_T[$mode]:-0} + server_ticks))
       NATS_T[$mode]=$((${NATS_T[$mode]:-0} + nats_ticks))
-      MACHINE_T[$mode]=$((${MACHINE_T[$mode]:-0} + machine_t))
+      MACHINE_T[$mode]=$((${MACHINE_T[$mode]:-0} + R_MACHINE_TICKS))
       REQUESTS[$mode]=$(awk -v r="${REQUESTS[$mode]:-0}" -v x="$R_RPS" -v d=$((DURATION + WARMUP)) 'BEGIN { printf "%.0f", r + x * d }')
       printf 'cache %-7s round %d  %-9s %9.0f req/s  p50 %6d us  p99 %6d us  CPU ticks: server %5d, nats-server %5d\n' \
         "$cache" "$round" "$mode" "$R_RPS" "$R_P50" "$R_P99" "$server_ticks" "$nats_ticks" >&2
