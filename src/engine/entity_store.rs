@@ -326,6 +326,15 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The entity that was refused.
+    pub fn uid(&self) -> &EntityUid {
+        match self {
+            StoreError::MissingParent { uid, .. }
+            | StoreError::Cycle { uid, .. }
+            | StoreError::ParentRefused { uid, .. } => uid,
+        }
+    }
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -1072,14 +1081,7 @@ pub(crate) mod tests {
         assert_eq!(store.len(), 2);
         let mut kinds: Vec<(String, &str)> = refused
             .iter()
-            .map(|error| {
-                let uid = match error {
-                    StoreError::MissingParent { uid, .. }
-                    | StoreError::Cycle { uid, .. }
-                    | StoreError::ParentRefused { uid, .. } => uid.to_string(),
-                };
-                (uid, error.kind())
-            })
+            .map(|error| (error.uid().to_string(), error.kind()))
             .collect();
         kinds.sort();
         assert_eq!(

@@ -496,12 +496,7 @@ impl Applier {
     }
 
     fn reject_store(&self, error: &StoreError) {
-        let uid = match error {
-            StoreError::MissingParent { uid, .. }
-            | StoreError::Cycle { uid, .. }
-            | StoreError::ParentRefused { uid, .. } => uid,
-        };
-        self.refuse(uid, error.kind(), error);
+        self.refuse(error.uid(), error.kind(), error);
     }
 
     /// One refused row: a log line and a metric, both naming the entity.
