@@ -9,7 +9,7 @@
 //! refused rather than guessed at; anything that cannot be mapped is an
 //! error, which the service turns into a deny.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::jwt::JwtConfig;
+use super::wire::Headers;
 use crate::engine::{EntityMerge, EntityRef, SealedMerge};
 
 fn default_realm() -> String {
@@ -459,7 +460,7 @@ pub(crate) struct RequestFacts<'a> {
     pub source_ip: Option<IpAddr>,
     pub request_time: Option<i64>,
     pub tls: bool,
-    pub headers: Option<&'a HashMap<String, String>>,
+    pub headers: Option<&'a Headers<'a>>,
     pub query: &'a [(String, String)],
     /// The mapped claims of the principal, when it came from a JWT.
     pub claims: Option<&'a ClaimsMapping>,
@@ -1198,7 +1199,7 @@ mod tests {
         .unwrap();
         let claims = serde_json::json!({"sub": "carol", "auth": {"level": 2}});
         let mapped = mapping.map_claims(&claims).unwrap();
-        let headers = HashMap::from([("x-retries".to_string(), " 3 ".to_string())]);
+        let headers = Headers::from_pairs([("x-retries", " 3 ")]);
         let query = [("note".to_string(), "say \"hi\"\n".to_string())];
         let facts = RequestFacts {
             source_ip: Some("10.1.2.3".parse().unwrap()),
@@ -1228,7 +1229,7 @@ mod tests {
             r#"{"source_ip":{"__extn":{"fn":"ip","arg":"::1"}},"mfa":false,"fixed":{"a":[1,"two"]},"tls":false}"#
         );
         // A header that is not of its declared type fails the mapping.
-        let headers = HashMap::from([("x-retries".to_string(), "many".to_string())]);
+        let headers = Headers::from_pairs([("x-retries", "many")]);
         let facts = RequestFacts {
             headers: Some(&headers),
             ..RequestFacts::default()

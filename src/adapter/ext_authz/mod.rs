@@ -16,33 +16,29 @@
 //!   internal details (those go to the debug log with the decision id);
 //! - headers Arbiter adds upstream overwrite any the client sent.
 
+pub mod grpc;
 pub mod jwt;
 pub mod mapping;
+pub mod wire;
 
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::address::Address;
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
-    Authorization, AuthorizationServer,
-};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+    CheckResponse, DeniedHttpResponse, OkHttpResponse,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value as PbValue, value::Kind};
 use envoy_types::pb::google::rpc;
 use serde_json::Value;
-use tonic::{Request, Response, Status};
 
+pub use grpc::AuthorizationServer;
 pub use jwt::{JwksError, JwtConfig, JwtVerifier};
 pub use mapping::{ExtAuthzConfig, Mapping, MappingConfigError, MappingError, normalise};
+pub use wire::{AddressView, AttributesView, CheckView, Headers, HttpView, WireError};
 
 use crate::decision_log::{Caller, DecisionEvent, DecisionLogger, Transport, Uid};
 use crate::engine::{CheckInput, Decision, Engine, EntityRef, RequestEntities, UidInput};
@@ -139,7 +135,7 @@ pub struct Decided<'a> {
 }
 
 impl ExtAuthzService {
-    pub fn into_server(self) -> AuthorizationServer<Self> {
+    pub fn into_server(self) -> AuthorizationServer {
         AuthorizationServer::new(self)
     }
 
@@ -151,7 +147,7 @@ impl ExtAuthzService {
     }
 
     /// Every decision passes here once, and from here to the decision log.
-    async fn decided(&self, decided: &Decided<'_>, headers: Option<&HashMap<String, String>>) {
+    async fn decided(&self, decided: &Decided<'_>, headers: Option<&Headers<'_>>) {
         self.trace(decided);
         if !self.log.is_enabled() {
             return;
@@ -228,7 +224,7 @@ impl ExtAuthzService {
                 headers
                     .iter()
                     .filter(|(key, _)| self.log.logs_header(key))
-                    .map(|(key, value)| (key.clone(), value.clone()))
+                    .map(|(key, value)| (key.to_owned(), value.to_owned()))
                     .collect()
             })
             .unwrap_or_default();
@@ -248,24 +244,23 @@ impl ExtAuthzService {
         );
     }
 
-    /// Answers one `CheckRequest`; never fails.
     /// The answer to one `CheckRequest` from `transport` (the caller as the
-    /// connection knows it; only logged).
-    pub async fn answer(&self, request: &CheckRequest, transport: &Caller) -> CheckResponse {
+    /// connection knows it; only logged); never fails.
+    pub async fn answer(&self, request: &CheckView<'_>, transport: &Caller) -> CheckResponse {
         let attributes = request.attributes.as_ref();
-        let peer = attributes.and_then(source_address);
-        let source_principal = attributes
-            .and_then(|a| a.source.as_ref())
-            .map(|source| source.principal.as_str())
+        let source = attributes.and_then(|a| a.source.as_ref());
+        let peer = source.and_then(|source| match source.address? {
+            AddressView::Socket(address) | AddressView::Pipe(address) => Some(address),
+            AddressView::Internal => None,
+        });
+        let source_principal = source
+            .map(|source| source.principal)
             .filter(|principal| !principal.is_empty());
         let http = attributes
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref());
-        let headers = http.map(headers_of);
-        let traceparent = headers
-            .as_ref()
-            .and_then(|h| h.get("traceparent"))
-            .map(String::as_str);
+        let headers = http.map(|http| &http.headers);
+        let traceparent = headers.and_then(|h| h.get("traceparent"));
 
         let mut principal_uid = None;
         let mut action = None;
@@ -274,7 +269,6 @@ impl ExtAuthzService {
             .evaluate(
                 attributes,
                 http,
-                headers.as_deref(),
                 &mut principal_uid,
                 &mut action,
                 &mut resource,
@@ -330,7 +324,7 @@ impl ExtAuthzService {
             action: action.as_ref(),
             resource: resource.as_ref(),
             mapping_error,
-            peer: peer.as_deref(),
+            peer,
             source_principal,
             transport,
             traceparent,
@@ -339,25 +333,24 @@ impl ExtAuthzService {
                 _ => None,
             },
         };
-        self.decided(&decided, headers.as_deref()).await;
+        self.decided(&decided, headers).await;
         response
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn evaluate(
         &self,
-        attributes: Option<&AttributeContext>,
-        http: Option<&HttpRequest>,
-        headers: Option<&HashMap<String, String>>,
+        attributes: Option<&AttributesView<'_>>,
+        http: Option<&HttpView<'_>>,
         principal_uid: &mut Option<EntityRef>,
         action_out: &mut Option<EntityRef>,
         resource_out: &mut Option<EntityRef>,
     ) -> Result<Evaluated, Failure> {
         let mapping = &*self.mapping;
-        let (Some(attributes), Some(http), Some(headers)) = (attributes, http, headers) else {
+        let (Some(attributes), Some(http)) = (attributes, http) else {
             return Err(MappingError::Unmappable("no HTTP request attributes".into()).into());
         };
-        let size: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let headers = &http.headers;
+        let size = headers.received_bytes();
         if size > mapping.max_header_bytes {
             return Err(MappingError::HeadersTooLarge {
                 size,
@@ -365,16 +358,16 @@ impl ExtAuthzService {
             }
             .into());
         }
-        let target = normalise(&http.path)?;
+        let target = normalise(http.path)?;
         let host = if http.host.is_empty() {
             headers
                 .get(":authority")
                 .or_else(|| headers.get("host"))
-                .map_or("", String::as_str)
+                .unwrap_or("")
         } else {
-            http.host.as_str()
+            http.host
         };
-        let Some(matched) = mapping.route(host, &http.method, &target.segments) else {
+        let Some(matched) = mapping.route(host, http.method, &target.segments) else {
             return match mapping.unmatched {
                 Unmatched::Allow => Ok(Evaluated::UnmatchedAllow),
                 Unmatched::Deny => Err(MappingError::Unmappable(format!(
@@ -393,21 +386,17 @@ impl ExtAuthzService {
         *action_out = Some(action.clone());
         *resource_out = Some(resource.clone());
 
-        let source_ip = attributes.source.as_ref().and_then(|peer| {
-            let address = peer.address.as_ref()?.address.as_ref()?;
-            match address {
-                Address::SocketAddress(socket) => socket.address.parse::<IpAddr>().ok(),
+        let source_ip = attributes
+            .source
+            .as_ref()
+            .and_then(|peer| match peer.address? {
+                AddressView::Socket(address) => address.parse::<IpAddr>().ok(),
                 _ => None,
-            }
-        });
+            });
         let facts = RequestFacts {
             source_ip,
-            request_time: attributes
-                .request
-                .as_ref()
-                .and_then(|r| r.time.as_ref())
-                .map(|time| time.seconds),
-            tls: attributes.tls_session.is_some()
+            request_time: attributes.request.as_ref().and_then(|r| r.time_seconds),
+            tls: attributes.tls_session
                 || attributes
                     .source
                     .as_ref()
@@ -462,8 +451,8 @@ impl ExtAuthzService {
 
     async fn principal(
         &self,
-        attributes: &AttributeContext,
-        headers: &HashMap<String, String>,
+        attributes: &AttributesView<'_>,
+        headers: &Headers<'_>,
     ) -> Result<Principal, MappingError> {
         let mapping = &*self.mapping;
         let config = &mapping.principal;
@@ -473,11 +462,7 @@ impl ExtAuthzService {
         };
         match config.source {
             PrincipalSource::Mtls => {
-                let id = attributes
-                    .source
-                    .as_ref()
-                    .map(|peer| peer.principal.as_str())
-                    .unwrap_or("");
+                let id = attributes.source.as_ref().map_or("", |peer| peer.principal);
                 if id.is_empty() {
                     return Err(MappingError::MissingCredentials(
                         "no mTLS peer identity".into(),
@@ -499,8 +484,10 @@ impl ExtAuthzService {
                 }
             }
             PrincipalSource::JwtAuthn => {
-                let claims = attributes
-                    .metadata_context
+                let metadata = attributes.metadata_context().map_err(|error| {
+                    MappingError::Unmappable(format!("malformed metadata_context: {error}"))
+                })?;
+                let claims = metadata
                     .as_ref()
                     .and_then(|m| m.filter_metadata.get(&config.metadata_filter))
                     .and_then(|s| s.fields.get(&config.metadata_key))
@@ -673,23 +660,6 @@ enum Denial {
     TooLarge,
 }
 
-#[tonic::async_trait]
-impl Authorization for ExtAuthzService {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        let transport = if self.log.is_enabled() {
-            crate::adapter::caller::of(request.extensions())
-        } else {
-            Caller::default()
-        };
-        Ok(Response::new(
-            self.answer(request.get_ref(), &transport).await,
-        ))
-    }
-}
-
 /// An allow: Envoy forwards the request with `headers` added.
 fn ok_response(metadata: Struct, headers: Vec<HeaderValueOption>) -> CheckResponse {
     CheckResponse {
@@ -720,47 +690,6 @@ fn header(key: &str, value: &str) -> HeaderValueOption {
 fn string_value(text: &str) -> PbValue {
     PbValue {
         kind: Some(Kind::StringValue(text.into())),
-    }
-}
-
-/// The request headers, lower-cased by Envoy; from `header_map` when Envoy
-/// sends that instead (`encode_raw_headers`).
-fn headers_of(http: &HttpRequest) -> Cow<'_, HashMap<String, String>> {
-    match &http.header_map {
-        Some(map) if http.headers.is_empty() => {
-            let mut headers: HashMap<String, String> = HashMap::new();
-            for header in &map.headers {
-                let value = if header.raw_value.is_empty() {
-                    header.value.clone()
-                } else {
-                    String::from_utf8_lossy(&header.raw_value).into_owned()
-                };
-                headers
-                    .entry(header.key.to_ascii_lowercase())
-                    .and_modify(|existing| {
-                        existing.push(',');
-                        existing.push_str(&value);
-                    })
-                    .or_insert(value);
-            }
-            Cow::Owned(headers)
-        }
-        _ => Cow::Borrowed(&http.headers),
-    }
-}
-
-fn source_address(attributes: &AttributeContext) -> Option<String> {
-    let address = attributes
-        .source
-        .as_ref()?
-        .address
-        .as_ref()?
-        .address
-        .as_ref()?;
-    match address {
-        Address::SocketAddress(socket) => Some(socket.address.clone()),
-        Address::Pipe(pipe) => Some(pipe.path.clone()),
-        _ => None,
     }
 }
 
