@@ -15,6 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::adapter::authorizer::AuthorizerService;
+use crate::adapter::connection::Unvectored;
 use crate::adapter::decision_log::DecisionLogService;
 use crate::adapter::ext_authz::{self, ExtAuthzConfig, ExtAuthzError};
 use crate::admin::{self, AdminState};
@@ -305,7 +306,10 @@ impl Server {
                 tonic::transport::Server::builder()
                     .add_routes(routes)
                     .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::UnixListenerStream::new(listener),
+                        tokio_stream::StreamExt::map(
+                            tokio_stream::wrappers::UnixListenerStream::new(listener),
+                            |stream| stream.map(Unvectored),
+                        ),
                         wait_for_stop(stop_rx.clone()),
                     ),
             )
@@ -525,14 +529,15 @@ async fn end_health_watches(mut reporter: tonic_health::server::HealthReporter) 
 /// more than one segment (ext_authz responses with headers and metadata)
 /// must not wait ~40 ms for a delayed ACK (Nagle). `serve_with_incoming`
 /// does not set it.
+/// Also unvectored, so that h2 batches small answers ([`Unvectored`]).
 fn nodelay(
     incoming: TcpListenerStream,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+) -> impl tokio_stream::Stream<Item = std::io::Result<Unvectored<tokio::net::TcpStream>>> {
     use tokio_stream::StreamExt;
     incoming.map(|stream| {
         let stream = stream?;
         stream.set_nodelay(true)?;
-        Ok(stream)
+        Ok(Unvectored(stream))
     })
 }
 

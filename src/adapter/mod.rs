@@ -5,6 +5,7 @@
 
 pub mod authorizer;
 pub mod caller;
+pub mod connection;
 pub mod decision_log;
 pub mod ext_authz;
 pub mod status;
