@@ -316,6 +316,15 @@ pub struct DecisionLogger {
     inner: Option<Arc<LoggerInner>>,
 }
 
+/// The request headers decision-log records carry (`decision_log.headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoggedHeaders<'a> {
+    /// Every header (`["*"]`); secrets are still dropped by the redactor.
+    All,
+    /// These, lower-cased, each once.
+    Named(&'a [String]),
+}
+
 #[derive(Debug)]
 struct LoggerInner {
     /// Lower-cased names from `decision_log.headers`; `None` = all.
@@ -337,14 +346,14 @@ impl DecisionLogger {
         self.inner.is_some()
     }
 
-    /// Whether records carry request header `name` (ext_authz).
-    pub fn logs_header(&self, name: &str) -> bool {
+    /// Which request headers records carry (ext_authz).
+    pub fn logged_headers(&self) -> LoggedHeaders<'_> {
         match &self.inner {
-            None => false,
+            None => LoggedHeaders::Named(&[]),
             Some(inner) => inner
                 .headers
-                .as_ref()
-                .is_none_or(|names| names.iter().any(|wanted| wanted.eq_ignore_ascii_case(name))),
+                .as_deref()
+                .map_or(LoggedHeaders::All, LoggedHeaders::Named),
         }
     }
 

@@ -230,11 +230,14 @@ impl DecisionLog {
         let logger = DecisionLogger {
             inner: Some(Arc::new(LoggerInner {
                 headers: (!config.headers.iter().any(|h| h == "*")).then(|| {
-                    config
+                    let mut names: Vec<String> = config
                         .headers
                         .iter()
                         .map(|h| h.to_ascii_lowercase())
-                        .collect()
+                        .collect();
+                    names.sort();
+                    names.dedup();
+                    names
                 }),
                 queue,
                 overflow: config.overflow,

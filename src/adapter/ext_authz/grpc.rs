@@ -1,23 +1,23 @@
 //! The gRPC service `envoy.service.auth.v3.Authorization`, served with a
 //! codec that hands the handler the request message's bytes (read in place
-//! by [`super::wire`]) and encodes `envoy_types`' `CheckResponse` with prost.
+//! by [`super::wire`]) and sends the answer's bytes (written by
+//! [`super::answer`]).
 //!
 //! It replaces `envoy_types`' generated `AuthorizationServer` only to change
-//! the request's decoding (see `wire` for why); the route, the status for
-//! other methods (`UNIMPLEMENTED`) and tonic's limits (4 MiB messages) are
-//! the generated server's.
+//! the messages' coding (see `wire` and `answer` for why); the route, the
+//! status for other methods (`UNIMPLEMENTED`) and tonic's limits (4 MiB
+//! messages) are the generated server's.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
-use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
-use prost::Message;
+use bytes::{Buf, BufMut, Bytes};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::{Request, Response, Status};
 
+use super::answer::Answer;
 use super::wire::CheckView;
 use super::{ExtAuthzService, SERVICE_NAME};
 use crate::decision_log::Caller;
@@ -76,8 +76,8 @@ where
 struct CheckMethod(Arc<ExtAuthzService>);
 
 impl tonic::server::UnaryService<Bytes> for CheckMethod {
-    type Response = CheckResponse;
-    type Future = BoxFuture<Response<CheckResponse>, Status>;
+    type Response = Answer;
+    type Future = BoxFuture<Response<Answer>, Status>;
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let service = self.0.clone();
@@ -97,12 +97,12 @@ impl tonic::server::UnaryService<Bytes> for CheckMethod {
     }
 }
 
-/// Requests as their bytes, responses by prost.
+/// Requests and answers as their bytes.
 #[derive(Debug, Clone, Copy)]
 struct CheckCodec;
 
 impl Codec for CheckCodec {
-    type Encode = CheckResponse;
+    type Encode = Answer;
     type Decode = Bytes;
     type Encoder = CheckCodec;
     type Decoder = CheckCodec;
@@ -117,12 +117,12 @@ impl Codec for CheckCodec {
 }
 
 impl Encoder for CheckCodec {
-    type Item = CheckResponse;
+    type Item = Answer;
     type Error = Status;
 
-    fn encode(&mut self, item: CheckResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(dst)
-            .map_err(|error| Status::internal(format!("encoding the CheckResponse: {error}")))
+    fn encode(&mut self, item: Answer, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(item.bytes());
+        Ok(())
     }
 }
 

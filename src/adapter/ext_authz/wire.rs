@@ -328,10 +328,15 @@ pub struct HttpView<'a> {
 
 /// The request headers: the `headers` map, or `header_map` when Envoy sends
 /// that instead (`encode_raw_headers`), with names lower-cased and repeated
-/// headers joined with `,`. Sorted by name; one entry per name.
+/// headers joined with `,`.
 #[derive(Debug, Default, Clone)]
 pub struct Headers<'a> {
+    /// The `headers` map: in wire order, a later entry of a name wins (what
+    /// prost's map decode keeps), and a lookup scans (a request has a few
+    /// dozen headers; sorting them cost more than the lookups). Raw
+    /// headers: sorted by name, one entry per name.
     entries: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    sorted: bool,
     /// Bytes of names and values as received, repeats included.
     received_bytes: usize,
 }
@@ -347,51 +352,67 @@ impl<'a> Headers<'a> {
                 .entries
                 .push((Cow::Borrowed(name), Cow::Borrowed(value)));
         }
-        headers.settle(false);
         headers
     }
 
-    /// Sorts by name and keeps one entry per name: the last value (a map),
-    /// or all values joined with `,` (raw headers, in the order received).
-    fn settle(&mut self, join: bool) {
+    /// Sorts by name and joins the values of a repeated name with `,`, in
+    /// the order received (raw headers).
+    fn sort_and_join(&mut self) {
         // Stable, so repeats keep their order.
         self.entries.sort_by(|a, b| a.0.cmp(&b.0));
         self.entries.dedup_by(|later, kept| {
             if later.0 != kept.0 {
                 return false;
             }
-            if join {
-                let value = kept.1.to_mut();
-                value.push(',');
-                value.push_str(&later.1);
-            } else {
-                std::mem::swap(&mut kept.1, &mut later.1);
-            }
+            let value = kept.1.to_mut();
+            value.push(',');
+            value.push_str(&later.1);
             true
         });
+        self.sorted = true;
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.entries
-            .binary_search_by(|(key, _)| key.as_ref().cmp(name))
-            .ok()
-            .and_then(|index| self.entries.get(index))
-            .map(|(_, value)| value.as_ref())
+        let found = if self.sorted {
+            self.entries
+                .binary_search_by(|(key, _)| key.as_ref().cmp(name))
+                .ok()
+                .and_then(|index| self.entries.get(index))
+        } else {
+            self.entries.iter().rev().find(|(key, _)| key == name)
+        };
+        found.map(|(_, value)| value.as_ref())
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.entries
+    /// The headers whose name `keep` accepts, one per name with the value
+    /// [`Headers::get`] gives, owned (for the decision log).
+    pub fn select(&self, mut keep: impl FnMut(&str) -> bool) -> Vec<(String, String)> {
+        let mut kept: Vec<(&str, &str)> = self
+            .entries
             .iter()
+            .filter(|(name, _)| keep(name))
             .map(|(name, value)| (name.as_ref(), value.as_ref()))
+            .collect();
+        if !self.sorted {
+            // Stable: of a repeated name, the last stays last; keep it.
+            kept.sort_by(|a, b| a.0.cmp(b.0));
+            kept.dedup_by(|later, earlier| {
+                if later.0 == earlier.0 {
+                    std::mem::swap(later, earlier);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        kept.into_iter()
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect()
     }
 
     /// Total size of names and values as received, for the size limit.
     pub fn received_bytes(&self) -> usize {
         self.received_bytes
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -584,12 +605,11 @@ impl<'a> HttpView<'a> {
         http.headers = if map.is_empty() && header_map.is_present() {
             raw_headers(&header_map)?
         } else {
-            let mut headers = Headers {
+            Headers {
                 entries: map,
+                sorted: false,
                 received_bytes: map_bytes,
-            };
-            headers.settle(false);
-            headers
+            }
         };
         Ok(http)
     }
@@ -646,7 +666,7 @@ fn raw_headers<'a>(occurrences: &Occurrences<'a>) -> Result<Headers<'a>, WireErr
         headers.entries.push((name, text));
         Ok(())
     })?;
-    headers.settle(true);
+    headers.sort_and_join();
     Ok(headers)
 }
 
@@ -766,17 +786,12 @@ mod tests {
         assert_eq!(http.path, want.path);
         assert_eq!(http.host, want.host);
         assert_eq!(http.scheme, want.scheme);
-        assert_eq!(http.headers.len(), want.headers.len());
         for (name, value) in &want.headers {
             assert_eq!(http.headers.get(name), Some(value.as_str()), "{name}");
         }
-        let names: Vec<_> = http.headers.iter().map(|(name, _)| name).collect();
-        let sorted = {
-            let mut copy = names.clone();
-            copy.sort();
-            copy
-        };
-        assert_eq!(names, sorted);
+        let mut all: Vec<_> = want.headers.clone().into_iter().collect();
+        all.sort();
+        assert_eq!(http.headers.select(|_| true), all);
         assert_eq!(
             attributes.metadata_context().unwrap(),
             expected.metadata_context
@@ -914,10 +929,12 @@ mod tests {
         let want_http = want.request.unwrap().http.unwrap();
         assert_eq!(http.method, want_http.method);
         assert_eq!(http.path, want_http.path);
-        assert_eq!(http.headers.len(), want_http.headers.len());
         for (name, value) in &want_http.headers {
             assert_eq!(http.headers.get(name), Some(value.as_str()));
         }
+        let mut all: Vec<_> = want_http.headers.into_iter().collect();
+        all.sort();
+        assert_eq!(http.headers.select(|_| true), all);
         assert_eq!(http.headers.received_bytes(), 6);
     }
 
@@ -961,7 +978,11 @@ mod tests {
         assert_eq!(headers.get("authorization"), Some("Bearer x"));
         assert_eq!(headers.get("x-bin"), Some("\u{fffd}"));
         assert_eq!(headers.get("X-Tag"), None);
-        assert_eq!(headers.len(), 3);
+        assert_eq!(headers.select(|_| true).len(), 3);
+        assert_eq!(
+            headers.select(|name| name == "x-tag"),
+            [("x-tag".to_string(), "a,b".to_string())]
+        );
     }
 
     #[test]
@@ -1067,12 +1088,14 @@ mod tests {
 
     #[test]
     fn headers_from_pairs_keep_the_last_value() {
-        let headers = Headers::from_pairs([("b", "1"), ("a", "x"), ("b", "2")]);
-        assert_eq!(headers.get("b"), Some("2"));
+        let headers = Headers::from_pairs([("b", "1"), ("a", "x"), ("b", "2"), ("b", "3")]);
+        assert_eq!(headers.get("b"), Some("3"));
         assert_eq!(headers.get("a"), Some("x"));
         assert_eq!(headers.get("c"), None);
-        assert_eq!(headers.len(), 2);
-        assert_eq!(headers.received_bytes(), 6);
+        let pair = |name: &str, value: &str| (name.to_string(), value.to_string());
+        assert_eq!(headers.select(|_| true), [pair("a", "x"), pair("b", "3")]);
+        assert_eq!(headers.select(|name| name == "b"), [pair("b", "3")]);
+        assert_eq!(headers.received_bytes(), 8);
         assert!(!headers.is_empty());
     }
 }
