@@ -1114,3 +1114,117 @@ async fn ext_authz_decisions_are_logged_without_credentials() {
     assert!(!text.contains(&bob), "the bearer token leaked: {text}");
     assert!(!text.contains("s3cr3t"), "the cookie leaked: {text}");
 }
+
+/// Bytes in, bytes out: a client that sends any message body.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, len).to_vec()))
+    }
+}
+
+async fn raw_call(
+    addr: SocketAddr,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(body),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// The service reads Envoy's message itself (`wire.rs`) and writes its
+/// answer itself (`answer.rs`): bytes prost encodes are answered, and
+/// bytes that are not a `CheckRequest` get `INVALID_ARGUMENT` saying why.
+#[tokio::test]
+async fn raw_messages_are_read_and_malformed_ones_refused_with_a_reason() {
+    use prost::Message;
+    const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
+    let server = TestServer::start(server_config(example_mapping())).await;
+    let good = http("GET", "/tenants/acme/documents/acme-roadmap")
+        .bearer(&token("carol"))
+        .request()
+        .encode_to_vec();
+    let bytes = raw_call(server.addr, CHECK, good.clone()).await.unwrap();
+    let allow = answer(CheckResponse::decode(&bytes[..]).unwrap());
+    assert!(allow.allowed(), "{allow:?}");
+    assert_eq!(allow.header("x-arbiter-principal"), "carol");
+
+    let truncated = good[..good.len() - 3].to_vec();
+    let status = raw_call(server.addr, CHECK, truncated).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "malformed CheckRequest: the message ends inside a field"
+    );
+    // attributes { request { http { path: "\xff" } } }
+    let bad_path = vec![0x0a, 0x07, 0x22, 0x05, 0x12, 0x03, 0x22, 0x01, 0xff];
+    let status = raw_call(server.addr, CHECK, bad_path).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "malformed CheckRequest: `http.path` is not valid UTF-8"
+    );
+    // An empty message is a well-formed CheckRequest: a deny, not an error.
+    let bytes = raw_call(server.addr, CHECK, Vec::new()).await.unwrap();
+    assert_denied(&answer(CheckResponse::decode(&bytes[..]).unwrap()), 403);
+
+    let status = raw_call(
+        server.addr,
+        "/envoy.service.auth.v3.Authorization/Other",
+        good,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    server.stop().await.unwrap();
+}
