@@ -241,6 +241,14 @@ impl<'a> Occurrences<'a> {
         self.first.is_some()
     }
 
+    /// The message read by `parse`, when the field occurs at all.
+    fn read<T>(
+        &self,
+        parse: impl FnOnce(&Self) -> Result<T, WireError>,
+    ) -> Result<Option<T>, WireError> {
+        self.is_present().then(|| parse(self)).transpose()
+    }
+
     /// Calls `each` with every field of every occurrence, in order.
     fn each(
         &self,
@@ -431,10 +439,7 @@ impl<'a> CheckView<'a> {
             }
         }
         Ok(CheckView {
-            attributes: attributes
-                .is_present()
-                .then(|| AttributesView::parse(&attributes))
-                .transpose()?,
+            attributes: attributes.read(AttributesView::parse)?,
         })
     }
 }
@@ -459,14 +464,8 @@ impl<'a> AttributesView<'a> {
             Ok(())
         })?;
         Ok(AttributesView {
-            source: source
-                .is_present()
-                .then(|| PeerView::parse(&source))
-                .transpose()?,
-            request: request
-                .is_present()
-                .then(|| RequestView::parse(&request))
-                .transpose()?,
+            source: source.read(PeerView::parse)?,
+            request: request.read(RequestView::parse)?,
             tls_session,
             metadata_context,
         })
@@ -572,10 +571,7 @@ impl<'a> RequestView<'a> {
         };
         Ok(RequestView {
             time_seconds,
-            http: http
-                .is_present()
-                .then(|| HttpView::parse(&http))
-                .transpose()?,
+            http: http.read(HttpView::parse)?,
         })
     }
 }
@@ -938,6 +934,31 @@ mod tests {
         assert_eq!(http.headers.received_bytes(), 6);
     }
 
+    /// A `CheckRequest` carrying just `http`, encoded.
+    fn encoded_http(http: HttpRequest) -> Vec<u8> {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    time: None,
+                    http: Some(http),
+                }),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec()
+    }
+
+    fn parsed_headers(bytes: &[u8]) -> Headers<'_> {
+        let view = CheckView::parse(bytes).unwrap();
+        view.attributes
+            .unwrap()
+            .request
+            .unwrap()
+            .http
+            .unwrap()
+            .headers
+    }
+
     #[test]
     fn raw_header_map_is_lower_cased_and_joined() {
         let value = |key: &str, value: &str, raw: &[u8]| HeaderValue {
@@ -945,35 +966,18 @@ mod tests {
             value: value.into(),
             raw_value: raw.to_vec(),
         };
-        let bytes = CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(Request {
-                    time: None,
-                    http: Some(HttpRequest {
-                        header_map: Some(HeaderMap {
-                            headers: vec![
-                                value("X-Tag", "", b"a"),
-                                value("authorization", "Bearer x", b""),
-                                value("x-tag", "", b"b"),
-                                value("x-bin", "", b"\xff"),
-                            ],
-                        }),
-                        ..Default::default()
-                    }),
-                }),
-                ..Default::default()
+        let bytes = encoded_http(HttpRequest {
+            header_map: Some(HeaderMap {
+                headers: vec![
+                    value("X-Tag", "", b"a"),
+                    value("authorization", "Bearer x", b""),
+                    value("x-tag", "", b"b"),
+                    value("x-bin", "", b"\xff"),
+                ],
             }),
-        }
-        .encode_to_vec();
-        let view = CheckView::parse(&bytes).unwrap();
-        let headers = view
-            .attributes
-            .unwrap()
-            .request
-            .unwrap()
-            .http
-            .unwrap()
-            .headers;
+            ..Default::default()
+        });
+        let headers = parsed_headers(&bytes);
         assert_eq!(headers.get("x-tag"), Some("a,b"));
         assert_eq!(headers.get("authorization"), Some("Bearer x"));
         assert_eq!(headers.get("x-bin"), Some("\u{fffd}"));
@@ -987,36 +991,18 @@ mod tests {
 
     #[test]
     fn the_headers_map_wins_over_header_map() {
-        let bytes = CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(Request {
-                    time: None,
-                    http: Some(HttpRequest {
-                        headers: HashMap::from([("a".into(), "map".into())]),
-                        header_map: Some(HeaderMap {
-                            headers: vec![HeaderValue {
-                                key: "a".into(),
-                                value: "raw".into(),
-                                raw_value: Vec::new(),
-                            }],
-                        }),
-                        ..Default::default()
-                    }),
-                }),
-                ..Default::default()
+        let bytes = encoded_http(HttpRequest {
+            headers: HashMap::from([("a".into(), "map".into())]),
+            header_map: Some(HeaderMap {
+                headers: vec![HeaderValue {
+                    key: "a".into(),
+                    value: "raw".into(),
+                    raw_value: Vec::new(),
+                }],
             }),
-        }
-        .encode_to_vec();
-        let view = CheckView::parse(&bytes).unwrap();
-        let headers = view
-            .attributes
-            .unwrap()
-            .request
-            .unwrap()
-            .http
-            .unwrap()
-            .headers;
-        assert_eq!(headers.get("a"), Some("map"));
+            ..Default::default()
+        });
+        assert_eq!(parsed_headers(&bytes).get("a"), Some("map"));
     }
 
     #[test]
