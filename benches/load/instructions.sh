@@ -72,7 +72,7 @@ for api in own ext_authz; do
   # (own API), or the in-place view of Envoy's message (ext_authz,
   # `src/adapter/ext_authz/wire.rs`).
   decode=$(callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null |
-    awk '!found && (/ProstDecoder<.*as tonic::codec::Decoder>::decode/ || /wire::CheckView::parse \[/) {
+    awk '!found && (/ProstDecoder<.*as tonic::codec::Decoder>::decode/ || /wire::CheckView::parse( \[|$)/) {
       gsub(/,/, "", $1); print $1; found = 1 }')
   DECODE[$api]=$((${decode:-0} / N))
   printf '%-10s %12d instructions for %d Checks: %8d per Check, %6d of them decoding the request\n' \
