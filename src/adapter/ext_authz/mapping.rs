@@ -382,7 +382,8 @@ pub(crate) struct Route {
     pub headers: Vec<(String, Template)>,
     /// The route's sealed resource merges by capture values (routes whose
     /// resource has attributes or parents): building and sealing one per
-    /// request was ~5,700 instructions (callgrind), a lookup is ~1,000.
+    /// request was ~5,700 instructions (callgrind), a lookup with its key
+    /// ~1,100-1,400.
     /// Never stale: a merge depends only on this route and the captures.
     resource_merges: moka::sync::Cache<Box<str>, Arc<SealedMerge>, foldhash::fast::RandomState>,
 }

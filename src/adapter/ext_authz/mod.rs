@@ -555,27 +555,17 @@ impl ExtAuthzService {
             text.push('"');
             text
         });
-        let policies = MetadataValue::Strings(&decision.reasons);
-        let with_principal;
-        let without_principal;
-        let metadata: &[(&str, MetadataValue<'_>)] = match &principal_text {
-            Some(text) => {
-                with_principal = [
-                    ("decision_id", MetadataValue::String(id)),
-                    ("policies", policies),
-                    ("principal", MetadataValue::String(text)),
-                ];
-                &with_principal
-            }
-            None => {
-                without_principal = [
-                    ("decision_id", MetadataValue::String(id)),
-                    ("policies", policies),
-                ];
-                &without_principal
-            }
-        };
-        answer::ok(headers, metadata)
+        let metadata = [
+            ("decision_id", MetadataValue::String(id)),
+            ("policies", MetadataValue::Strings(&decision.reasons)),
+            (
+                "principal",
+                MetadataValue::String(principal_text.as_deref().unwrap_or_default()),
+            ),
+        ];
+        // `principal` only when there is one.
+        let count = if principal_text.is_some() { 3 } else { 2 };
+        answer::ok(headers, &metadata[..count])
     }
 
     fn allow_unmatched(&self, id: &str) -> Answer {
