@@ -1074,6 +1074,14 @@ async fn ext_authz_decisions_are_logged_without_credentials() {
     assert_eq!(logged_allow["decision"], "allow", "{logged_allow}");
     assert_eq!(logged_allow["principal"]["id"], "bob", "{logged_allow}");
     assert_eq!(
+        (&logged_allow["action"], &logged_allow["resource"]),
+        (
+            &serde_json::json!({"type": "Saas::Action", "id": "write"}),
+            &serde_json::json!({"type": "Saas::Document", "id": "acme-roadmap"})
+        ),
+        "{logged_allow}"
+    );
+    assert_eq!(
         logged_allow["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
         "{logged_allow}"
     );
@@ -1082,6 +1090,23 @@ async fn ext_authz_decisions_are_logged_without_credentials() {
         .find(|r| r["decision_id"] != allow_id.as_str())
         .unwrap();
     assert_eq!(denied["decision"], "deny", "{denied}");
+    // Refused before a principal was known: the route's action and
+    // resource, no principal, and the reason as the error.
+    assert!(denied["principal"].is_null(), "{denied}");
+    assert_eq!(
+        (&denied["action"]["id"], &denied["resource"]["id"]),
+        (
+            &serde_json::json!("read"),
+            &serde_json::json!("acme-roadmap")
+        ),
+        "{denied}"
+    );
+    assert!(
+        denied["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|message| !message.is_empty()),
+        "{denied}"
+    );
     // The Cedar context the policies saw (mapped from the source address
     // and the token's claims).
     assert_eq!(

@@ -4,6 +4,7 @@
 //! pipeline thread. The JSON form is documented in the README and mirrors
 //! `arbiter.v1.DecisionLogRecord` in `proto/arbiter/v1/decision_log.proto`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -296,19 +297,26 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
     if fast && clean_context.is_none() {
         redactor.apply_context(&mut context);
     }
-    let mut headers: Vec<(String, String)> = event
+    // Borrowed from the event unless lower-casing or redaction changes
+    // them (a `String` per name and value was ~1,100 instructions per
+    // ext_authz record, callgrind).
+    let mut headers: Vec<(Cow<'_, str>, Cow<'_, str>)> = event
         .headers
         .iter()
         .filter_map(|(name, value)| {
             let value = if fast {
                 Redactor::header_value(name, value)?
             } else {
-                value.clone()
+                Cow::Borrowed(value.as_str())
             };
-            Some((name.to_ascii_lowercase(), value))
+            let name = if name.bytes().any(|byte| byte.is_ascii_uppercase()) {
+                Cow::Owned(name.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(name.as_str())
+            };
+            Some((name, value))
         })
         .collect();
-    // A map in the JSON form: sorted, and the last of a repeated name wins.
     headers.reverse();
     headers.sort_by(|a, b| a.0.cmp(&b.0));
     headers.dedup_by(|a, b| a.0 == b.0);
@@ -343,7 +351,10 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
         evaluation_latency_us: u64::try_from(decision.elapsed.as_micros()).unwrap_or(u64::MAX),
         cached: decision.cached,
         context,
-        headers: headers.into_iter().collect(),
+        headers: headers
+            .into_iter()
+            .map(|(name, value)| (name.into_owned(), value.into_owned()))
+            .collect(),
     };
     let mut value = serde_json::to_value(&record).unwrap_or(Value::Null);
     redactor.apply(&mut value);
@@ -358,7 +369,7 @@ fn write_record(
     event: &DecisionEvent,
     clean_context: Option<&[u8]>,
     context: &Value,
-    headers: &[(String, String)],
+    headers: &[(Cow<'_, str>, Cow<'_, str>)],
 ) -> Vec<u8> {
     let decision = &event.decision;
     let mut out = Vec::with_capacity(768);

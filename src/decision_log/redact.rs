@@ -11,6 +11,8 @@
 //!   and `-` alike) is dropped, and any string value that starts with
 //!   `Bearer ` or `Basic ` is replaced by `[redacted]`.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -88,14 +90,14 @@ impl Redactor {
     /// A request header as it may be logged (for [`Self::context_only`]
     /// rules): `None` for a credential header, `[redacted]` for a
     /// credential value.
-    pub fn header_value(name: &str, value: &str) -> Option<String> {
+    pub fn header_value<'a>(name: &str, value: &'a str) -> Option<Cow<'a, str>> {
         if is_secret_key(name) {
             return None;
         }
         Some(if is_credential_value(value) {
-            "[redacted]".to_owned()
+            Cow::Borrowed("[redacted]")
         } else {
-            value.to_owned()
+            Cow::Borrowed(value)
         })
     }
 

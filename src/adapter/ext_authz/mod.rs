@@ -104,20 +104,26 @@ struct Principal {
 }
 
 /// What one ext_authz call decided, with what the decision log needs:
-/// it becomes a decision-log record with transport `ext_authz`.
+/// it becomes a decision-log record with transport `ext_authz`. It owns
+/// what the call built (the decision, the uids, the context), so the record
+/// takes them over instead of copying them.
 #[derive(Debug)]
 pub struct Decided<'a> {
-    pub decision_id: &'a str,
+    /// The id of a request refused before evaluation (the engine's
+    /// decision carries its own).
+    pub refused_id: String,
     pub allowed: bool,
     /// The engine's decision, when the request got that far.
-    pub decision: Option<&'a Decision>,
-    pub principal: Option<&'a EntityRef>,
-    pub action: Option<&'a EntityRef>,
-    pub resource: Option<&'a EntityRef>,
+    pub decision: Option<Decision>,
+    pub principal: Option<EntityRef>,
+    pub action: Option<EntityRef>,
+    pub resource: Option<EntityRef>,
     /// Why the request was denied before evaluation (mapping, credentials).
-    pub mapping_error: Option<&'a MappingError>,
+    pub mapping_error: Option<MappingError>,
     /// The caller as Envoy saw it (`source` address).
     pub peer: Option<&'a str>,
+    /// `peer`, when it is an IP address.
+    pub source_ip: Option<IpAddr>,
     /// The downstream's mTLS identity as Envoy verified it (`source.principal`).
     pub source_principal: Option<&'a str>,
     /// Who sent the `CheckRequest` (Envoy), as the transport knows it.
@@ -125,7 +131,15 @@ pub struct Decided<'a> {
     /// W3C trace context of the HTTP request.
     pub traceparent: Option<&'a str>,
     /// The Cedar context built for the request, when it got that far.
-    pub context_json: Option<&'a str>,
+    pub context_json: Option<String>,
+}
+
+impl Decided<'_> {
+    pub fn decision_id(&self) -> &str {
+        self.decision
+            .as_ref()
+            .map_or(&self.refused_id, |decision| &decision.decision_id)
+    }
 }
 
 impl ExtAuthzService {
@@ -141,13 +155,28 @@ impl ExtAuthzService {
     }
 
     /// Every decision passes here once, and from here to the decision log.
-    async fn decided(&self, decided: &Decided<'_>, headers: Option<&Headers<'_>>) {
-        self.trace(decided);
+    async fn decided(&self, decided: Decided<'_>, headers: Option<&Headers<'_>>) {
+        self.trace(&decided);
         if !self.log.is_enabled() {
             return;
         }
-        let decision = match decided.decision {
-            Some(decision) => decision.clone(),
+        let Decided {
+            refused_id,
+            allowed,
+            decision,
+            principal,
+            action,
+            resource,
+            mapping_error,
+            peer,
+            source_ip,
+            source_principal,
+            transport,
+            traceparent,
+            context_json,
+        } = decided;
+        let decision = match decision {
+            Some(decision) => decision,
             None => {
                 // Refused before evaluation (credentials, mapping): still a
                 // decision, a deny, with the reason as its error.
@@ -156,17 +185,16 @@ impl ExtAuthzService {
                     snapshot.as_deref().map_or_else(|| Arc::from(""), pick)
                 };
                 Decision {
-                    allowed: decided.allowed,
+                    allowed,
                     reasons: Vec::new(),
-                    errors: decided
-                        .mapping_error
+                    errors: mapping_error
                         .map(|error| crate::engine::PolicyEvaluationError {
                             policy_id: "<ext_authz mapping>".into(),
                             message: error.to_string(),
                         })
                         .into_iter()
                         .collect(),
-                    decision_id: decided.decision_id.to_owned(),
+                    decision_id: refused_id,
                     policy_revision: revision(|s| s.policies.revision.clone()),
                     data_revision: revision(|s| s.data.revision.clone()),
                     elapsed: std::time::Duration::ZERO,
@@ -175,41 +203,36 @@ impl ExtAuthzService {
                 }
             }
         };
-        let uid = |entity: Option<&EntityRef>| {
+        let uid = |entity: Option<EntityRef>| {
             entity.map(|entity| Uid {
-                type_name: entity.type_name.clone(),
-                id: entity.id.clone(),
+                type_name: entity.type_name,
+                id: entity.id,
             })
         };
         let mut event = DecisionEvent::new(Transport::ExtAuthz, decision);
-        event.principal = uid(decided.principal);
-        event.action = uid(decided.action);
-        event.resource = uid(decided.resource);
+        event.principal = uid(principal);
+        event.action = uid(action);
+        event.resource = uid(resource);
         // Envoy's view of the downstream client: an IP (its port travels
         // separately), or a pipe path for a Unix-socket listener.
-        let peer_address = decided.peer.and_then(|peer| {
-            peer.parse::<std::net::SocketAddr>()
-                .ok()
-                .or_else(|| peer.parse::<IpAddr>().ok().map(|ip| (ip, 0).into()))
-        });
+        let peer_address = source_ip
+            .map(|ip| std::net::SocketAddr::from((ip, 0)))
+            .or_else(|| peer.and_then(|peer| peer.parse().ok()));
         // The HTTP client as Envoy saw it; where Envoy knows nothing, the
         // transport's view of Envoy itself.
-        let transport = decided.transport;
         event.caller = Caller {
-            uds_peer: decided
-                .peer
+            uds_peer: peer
                 .filter(|_| peer_address.is_none())
                 .map(str::to_owned)
                 .or_else(|| transport.uds_peer.clone()),
             peer_address: peer_address.or(transport.peer_address),
-            tls_identity: decided
-                .source_principal
+            tls_identity: source_principal
                 .map(str::to_owned)
                 .or_else(|| transport.tls_identity.clone()),
         };
-        event.traceparent = decided.traceparent.map(str::to_owned);
+        event.traceparent = traceparent.map(str::to_owned);
         // What the policies saw; redacted on the pipeline thread.
-        event.context_json = decided.context_json.unwrap_or_default().to_owned();
+        event.context_json = context_json.unwrap_or_default();
         // Secrets among them (authorization, cookies) are dropped by the
         // redactor before the record leaves the process.
         // Only the headers `decision_log.headers` names are copied.
@@ -228,12 +251,12 @@ impl ExtAuthzService {
 
     fn trace(&self, decided: &Decided<'_>) {
         tracing::debug!(
-            decision_id = decided.decision_id,
+            decision_id = decided.decision_id(),
             allowed = decided.allowed,
             principal = ?decided.principal,
             action = ?decided.action,
             resource = ?decided.resource,
-            error = decided.mapping_error.map(tracing::field::display),
+            error = decided.mapping_error.as_ref().map(tracing::field::display),
             peer = decided.peer,
             "ext_authz decision"
         );
@@ -247,6 +270,11 @@ impl ExtAuthzService {
         let peer = source.and_then(|source| match source.address? {
             AddressView::Socket(address) | AddressView::Pipe(address) => Some(address),
             AddressView::Internal => None,
+        });
+        // Parsed once: the context's `source_ip` and the record's caller.
+        let source_ip = source.and_then(|source| match source.address? {
+            AddressView::Socket(address) => address.parse::<IpAddr>().ok(),
+            _ => None,
         });
         let source_principal = source
             .map(|source| source.principal)
@@ -264,12 +292,13 @@ impl ExtAuthzService {
             .evaluate(
                 attributes,
                 http,
+                source_ip,
                 &mut principal_uid,
                 &mut action,
                 &mut resource,
             )
             .await;
-        let (response, decision_id) = match &outcome {
+        let (response, refused_id) = match &outcome {
             Ok(Evaluated::Decision(decision, route_headers, _)) => {
                 self.metrics.record(decision);
                 let response = if decision.allowed {
@@ -282,7 +311,7 @@ impl ExtAuthzService {
                 } else {
                     self.deny(&decision.decision_id, Denial::Forbidden)
                 };
-                (response, decision.decision_id.clone())
+                (response, String::new())
             }
             Ok(Evaluated::UnmatchedAllow) => {
                 let id = uuid::Uuid::now_v7().to_string();
@@ -302,33 +331,35 @@ impl ExtAuthzService {
                 (self.deny(&id, denial), id)
             }
         };
-        let (decision, mapping_error) = match &outcome {
-            Ok(Evaluated::Decision(decision, _, _)) => (Some(decision), None),
-            Ok(Evaluated::UnmatchedAllow) => (None, None),
-            Err(Failure::Mapping(error)) => (None, Some(error)),
+        let (decision, context_json, mapping_error) = match outcome {
+            Ok(Evaluated::Decision(decision, _, context)) => (Some(decision), Some(context), None),
+            Ok(Evaluated::UnmatchedAllow) => (None, None, None),
+            Err(Failure::Mapping(error)) => (None, None, Some(error)),
             Err(Failure::Engine(error)) => {
-                tracing::debug!(decision_id, %error, "ext_authz request refused by the engine");
-                (None, None)
+                tracing::debug!(
+                    decision_id = refused_id,
+                    %error,
+                    "ext_authz request refused by the engine"
+                );
+                (None, None, None)
             }
         };
         let decided = Decided {
-            decision_id: &decision_id,
+            refused_id,
             allowed: response.allowed(),
             decision,
-            principal: principal_uid.as_ref(),
-            action: action.as_ref(),
-            resource: resource.as_ref(),
+            principal: principal_uid,
+            action,
+            resource,
             mapping_error,
             peer,
+            source_ip,
             source_principal,
             transport,
             traceparent,
-            context_json: match &outcome {
-                Ok(Evaluated::Decision(_, _, context)) => Some(context.as_str()),
-                _ => None,
-            },
+            context_json,
         };
-        self.decided(&decided, headers).await;
+        self.decided(decided, headers).await;
         response
     }
 
@@ -336,6 +367,7 @@ impl ExtAuthzService {
         &self,
         attributes: Option<&AttributesView<'_>>,
         http: Option<&HttpView<'_>>,
+        source_ip: Option<IpAddr>,
         principal_uid: &mut Option<EntityRef>,
         action_out: &mut Option<EntityRef>,
         resource_out: &mut Option<EntityRef>,
@@ -373,21 +405,16 @@ impl ExtAuthzService {
                 .into()),
             };
         };
+        // Kept by the caller for the answer and the decision log (which
+        // names the route's action and resource also when credentials are
+        // refused): built once, borrowed here.
+        let action = &*action_out.insert(matched.action()?);
+        let resource = &*resource_out.insert(matched.resource()?);
         let principal = self.principal(attributes, headers).await?;
-        *principal_uid = Some(principal.uid.clone());
-        let action = matched.action()?;
-        let resource = matched.resource()?;
-        let resource_merge = matched.sealed_resource_merge(&resource)?;
-        *action_out = Some(action.clone());
-        *resource_out = Some(resource.clone());
+        let claims = principal.claims;
+        let principal = &*principal_uid.insert(principal.uid);
+        let resource_merge = matched.sealed_resource_merge(resource)?;
 
-        let source_ip = attributes
-            .source
-            .as_ref()
-            .and_then(|peer| match peer.address? {
-                AddressView::Socket(address) => address.parse::<IpAddr>().ok(),
-                _ => None,
-            });
         let facts = RequestFacts {
             source_ip,
             request_time: attributes.request.as_ref().and_then(|r| r.time_seconds),
@@ -399,11 +426,11 @@ impl ExtAuthzService {
                 || http.scheme.eq_ignore_ascii_case("https"),
             headers: Some(headers),
             query: &target.query,
-            claims: principal.claims.as_deref(),
+            claims: claims.as_deref(),
         };
         let context = mapping.context(&facts)?;
         let mut scope = RequestEntities::default();
-        if let Some(claims) = &principal.claims {
+        if let Some(claims) = &claims {
             scope.push_sealed(claims.merge.clone());
         }
         if let Some(merge) = resource_merge {
@@ -411,8 +438,8 @@ impl ExtAuthzService {
         }
         let input = CheckInput {
             principal: Some(UidInput {
-                type_name: &principal.uid.type_name,
-                id: &principal.uid.id,
+                type_name: &principal.type_name,
+                id: &principal.id,
             }),
             action: Some(UidInput {
                 type_name: &action.type_name,
@@ -435,8 +462,8 @@ impl ExtAuthzService {
             .iter()
             .filter_map(|(name, template)| {
                 let value = template.render(|var| match var {
-                    "principal.type" => Some(principal.uid.type_name.as_str()),
-                    "principal.id" => Some(principal.uid.id.as_str()),
+                    "principal.type" => Some(principal.type_name.as_str()),
+                    "principal.id" => Some(principal.id.as_str()),
                     "decision_id" => Some(decision.decision_id.as_str()),
                     other => matched.capture(other),
                 })?;
