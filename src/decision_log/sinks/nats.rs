@@ -99,8 +99,6 @@ impl NatsSink {
         }
         // The server refuses a message over its `max_payload`; leave room
         // for the headers.
-        // The server refuses a message over its `max_payload`; leave room
-        // for the headers.
         let limit = match self.client.server_info().max_payload {
             0 => usize::MAX,
             max_payload => max_payload.saturating_sub(4096).max(1024),
