@@ -622,7 +622,12 @@ impl Mapping {
             unmatched: config.unmatched,
             max_header_bytes: config.max_header_bytes,
             decision_header: config.decision_header.to_ascii_lowercase(),
-            principal: principal.clone(),
+            // Envoy sends header names lower-cased: the name is lower-cased
+            // once here, not per request.
+            principal: PrincipalConfig {
+                header: principal.header.as_deref().map(str::to_ascii_lowercase),
+                ..principal.clone()
+            },
             context,
             routes,
         })

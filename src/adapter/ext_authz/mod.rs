@@ -495,12 +495,9 @@ impl ExtAuthzService {
                 Ok(plain(id))
             }
             PrincipalSource::Header => {
-                let name = config
-                    .header
-                    .as_deref()
-                    .map(str::to_ascii_lowercase)
-                    .unwrap_or_default();
-                match headers.get(&name) {
+                // Lower-cased by `Mapping::compile`.
+                let name = config.header.as_deref().unwrap_or_default();
+                match headers.get(name) {
                     Some(id) if !id.is_empty() => Ok(plain(id)),
                     _ => Err(MappingError::MissingCredentials(format!(
                         "no `{name}` header"
