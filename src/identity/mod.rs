@@ -508,14 +508,68 @@ impl Applier {
             reason,
             "identity row refused: {error}"
         );
-        metrics::counter!(
-            "arbiter_identity_rejected_rows_total",
-            "source" => self.source,
-            "entity" => uid.to_string(),
-            "reason" => reason
-        )
-        .increment(1);
+        count_rejected_row(self.source, uid.to_string(), reason);
     }
+}
+
+/// How many distinct entities get their own `entity` label on
+/// `arbiter_identity_rejected_rows_total`: a label per rejected row names
+/// it, but a mapping that rejects every row of a million-user store must
+/// not make a million series (in this process's registry and in whatever
+/// scrapes it). Rejections past the cap are counted under
+/// [`OTHER_ENTITIES`]; the log line names every row.
+pub const NAMED_REJECTED_ENTITIES: usize = 1_000;
+
+/// The `entity` label of rejections past [`NAMED_REJECTED_ENTITIES`].
+pub const OTHER_ENTITIES: &str = "<other>";
+
+/// The entities that have an `entity` label so far (bounded).
+#[derive(Debug)]
+pub struct RejectionLabels {
+    named: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    cap: usize,
+}
+
+impl RejectionLabels {
+    pub const fn new(cap: usize) -> Self {
+        RejectionLabels {
+            named: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            cap,
+        }
+    }
+
+    /// The label for `entity`: itself while fewer than the cap are named
+    /// (or when it already is), [`OTHER_ENTITIES`] after.
+    pub fn label(&self, entity: String) -> String {
+        // Off the decision path (a refused row); a poisoned lock still
+        // holds a valid set.
+        let mut named = self
+            .named
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if named.contains(&entity) {
+            return entity;
+        }
+        if named.len() < self.cap {
+            named.insert(entity.clone());
+            return entity;
+        }
+        OTHER_ENTITIES.to_owned()
+    }
+}
+
+/// The process's labels (the metrics registry is the process's too).
+static REJECTION_LABELS: RejectionLabels = RejectionLabels::new(NAMED_REJECTED_ENTITIES);
+
+/// Counts one refused row in `arbiter_identity_rejected_rows_total`.
+pub(crate) fn count_rejected_row(source: &'static str, entity: String, reason: &'static str) {
+    metrics::counter!(
+        "arbiter_identity_rejected_rows_total",
+        "source" => source,
+        "entity" => REJECTION_LABELS.label(entity),
+        "reason" => reason
+    )
+    .increment(1);
 }
 
 /// A full listing made into a store, off the async workers.
@@ -574,6 +628,17 @@ mod tests {
     use super::*;
     use crate::engine::entity_store::StoredValue;
     use serde_json::json;
+
+    #[test]
+    fn rejected_rows_are_named_up_to_the_cap_then_counted_as_other() {
+        let labels = RejectionLabels::new(2);
+        assert_eq!(labels.label("User::\"a\"".into()), "User::\"a\"");
+        assert_eq!(labels.label("User::\"b\"".into()), "User::\"b\"");
+        assert_eq!(labels.label("User::\"c\"".into()), OTHER_ENTITIES);
+        // A row already named keeps its label (its series goes on counting).
+        assert_eq!(labels.label("User::\"a\"".into()), "User::\"a\"");
+        assert_eq!(labels.label("User::\"d\"".into()), OTHER_ENTITIES);
+    }
 
     #[test]
     fn a_listing_shares_one_uid_per_entity_between_rows_and_the_store() {

@@ -429,7 +429,7 @@ fn row_to_entity(row: &Row, parser: &mut RowParser) -> Option<MappedRow> {
         (Ok(type_name), Ok(id)) => (type_name, id),
         (Err(error), _) | (_, Err(error)) => {
             tracing::error!(target: "arbiter::identity", "mapped row without a readable type and id refused: {error}");
-            metrics::counter!("arbiter_identity_rejected_rows_total", "source" => "postgres", "entity" => "<unreadable>", "reason" => "column").increment(1);
+            super::count_rejected_row("postgres", "<unreadable>".to_owned(), "column");
             return None;
         }
     };
@@ -437,7 +437,7 @@ fn row_to_entity(row: &Row, parser: &mut RowParser) -> Option<MappedRow> {
         Ok(uid) => uid,
         Err(error) => {
             tracing::error!(target: "arbiter::identity", entity_type = %type_name, entity_id = %id, "mapped row refused: {error}");
-            metrics::counter!("arbiter_identity_rejected_rows_total", "source" => "postgres", "entity" => format!("{type_name}::{id:?}"), "reason" => error.kind()).increment(1);
+            super::count_rejected_row("postgres", format!("{type_name}::{id:?}"), error.kind());
             return None;
         }
     };
