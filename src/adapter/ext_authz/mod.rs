@@ -160,22 +160,8 @@ impl ExtAuthzService {
         if !self.log.is_enabled() {
             return;
         }
-        let Decided {
-            refused_id,
-            allowed,
-            decision,
-            principal,
-            action,
-            resource,
-            mapping_error,
-            peer,
-            source_ip,
-            source_principal,
-            transport,
-            traceparent,
-            context_json,
-        } = decided;
-        let decision = match decision {
+        // Its fields are moved out one by one (it has no `Drop`).
+        let decision = match decided.decision {
             Some(decision) => decision,
             None => {
                 // Refused before evaluation (credentials, mapping): still a
@@ -185,16 +171,17 @@ impl ExtAuthzService {
                     snapshot.as_deref().map_or_else(|| Arc::from(""), pick)
                 };
                 Decision {
-                    allowed,
+                    allowed: decided.allowed,
                     reasons: Vec::new(),
-                    errors: mapping_error
+                    errors: decided
+                        .mapping_error
                         .map(|error| crate::engine::PolicyEvaluationError {
                             policy_id: "<ext_authz mapping>".into(),
                             message: error.to_string(),
                         })
                         .into_iter()
                         .collect(),
-                    decision_id: refused_id,
+                    decision_id: decided.refused_id,
                     policy_revision: revision(|s| s.policies.revision.clone()),
                     data_revision: revision(|s| s.data.revision.clone()),
                     elapsed: std::time::Duration::ZERO,
@@ -210,29 +197,32 @@ impl ExtAuthzService {
             })
         };
         let mut event = DecisionEvent::new(Transport::ExtAuthz, decision);
-        event.principal = uid(principal);
-        event.action = uid(action);
-        event.resource = uid(resource);
+        event.principal = uid(decided.principal);
+        event.action = uid(decided.action);
+        event.resource = uid(decided.resource);
         // Envoy's view of the downstream client: an IP (its port travels
         // separately), or a pipe path for a Unix-socket listener.
-        let peer_address = source_ip
+        let peer_address = decided
+            .source_ip
             .map(|ip| std::net::SocketAddr::from((ip, 0)))
-            .or_else(|| peer.and_then(|peer| peer.parse().ok()));
+            .or_else(|| decided.peer.and_then(|peer| peer.parse().ok()));
         // The HTTP client as Envoy saw it; where Envoy knows nothing, the
         // transport's view of Envoy itself.
         event.caller = Caller {
-            uds_peer: peer
+            uds_peer: decided
+                .peer
                 .filter(|_| peer_address.is_none())
                 .map(str::to_owned)
-                .or_else(|| transport.uds_peer.clone()),
-            peer_address: peer_address.or(transport.peer_address),
-            tls_identity: source_principal
+                .or_else(|| decided.transport.uds_peer.clone()),
+            peer_address: peer_address.or(decided.transport.peer_address),
+            tls_identity: decided
+                .source_principal
                 .map(str::to_owned)
-                .or_else(|| transport.tls_identity.clone()),
+                .or_else(|| decided.transport.tls_identity.clone()),
         };
-        event.traceparent = traceparent.map(str::to_owned);
+        event.traceparent = decided.traceparent.map(str::to_owned);
         // What the policies saw; redacted on the pipeline thread.
-        event.context_json = context_json.unwrap_or_default();
+        event.context_json = decided.context_json.unwrap_or_default();
         // Secrets among them (authorization, cookies) are dropped by the
         // redactor before the record leaves the process.
         // Only the headers `decision_log.headers` names are copied.
