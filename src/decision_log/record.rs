@@ -297,17 +297,17 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
     if fast && clean_context.is_none() {
         redactor.apply_context(&mut context);
     }
-    // Borrowed from the event unless lower-casing or redaction changes
-    // them (a `String` per name and value was ~1,100 instructions per
+    // Borrowed from the event; a name is copied only to lower-case it
+    // (copying every name and value cost ~290 instructions more per
     // ext_authz record, callgrind).
-    let mut headers: Vec<(Cow<'_, str>, Cow<'_, str>)> = event
+    let mut headers: Vec<(Cow<'_, str>, &str)> = event
         .headers
         .iter()
         .filter_map(|(name, value)| {
             let value = if fast {
                 Redactor::header_value(name, value)?
             } else {
-                Cow::Borrowed(value.as_str())
+                value.as_str()
             };
             let name = if name.bytes().any(|byte| byte.is_ascii_uppercase()) {
                 Cow::Owned(name.to_ascii_lowercase())
@@ -353,7 +353,7 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
         context,
         headers: headers
             .into_iter()
-            .map(|(name, value)| (name.into_owned(), value.into_owned()))
+            .map(|(name, value)| (name.into_owned(), value.to_owned()))
             .collect(),
     };
     let mut value = serde_json::to_value(&record).unwrap_or(Value::Null);
@@ -369,7 +369,7 @@ fn write_record(
     event: &DecisionEvent,
     clean_context: Option<&[u8]>,
     context: &Value,
-    headers: &[(Cow<'_, str>, Cow<'_, str>)],
+    headers: &[(Cow<'_, str>, &str)],
 ) -> Vec<u8> {
     let decision = &event.decision;
     let mut out = Vec::with_capacity(768);

@@ -11,8 +11,6 @@
 //!   and `-` alike) is dropped, and any string value that starts with
 //!   `Bearer ` or `Basic ` is replaced by `[redacted]`.
 
-use std::borrow::Cow;
-
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -90,14 +88,14 @@ impl Redactor {
     /// A request header as it may be logged (for [`Self::context_only`]
     /// rules): `None` for a credential header, `[redacted]` for a
     /// credential value.
-    pub fn header_value<'a>(name: &str, value: &'a str) -> Option<Cow<'a, str>> {
+    pub fn header_value<'a>(name: &str, value: &'a str) -> Option<&'a str> {
         if is_secret_key(name) {
             return None;
         }
         Some(if is_credential_value(value) {
-            Cow::Borrowed("[redacted]")
+            "[redacted]"
         } else {
-            Cow::Borrowed(value)
+            value
         })
     }
 
