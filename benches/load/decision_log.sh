@@ -171,7 +171,7 @@ for cache in $CACHE_SIZES; do
       -v n="${REQUESTS[$mode]}" -v hz="$TICKS_PER_SECOND" -v off="$machine_off" \
       'BEGIN { k = 1e6 / hz / n; printf "%6.3f %5.3f %6.3f (%.2fx)", s * k, a * k, m * k, m / n / off }')
     # shellcheck disable=SC2086
-    printf '  %-10s %10.0f %9d %9d %8s %12s %10s %26s\n' "$mode" "$rps" "$(median ${P50[$mode]})" \
+    printf '  %-10s %10.0f %9.0f %9.0f %8s %12s %10s %26s\n' "$mode" "$rps" "$(median ${P50[$mode]})" \
       "$(median ${P99[$mode]})" "$ratio" "$delivered/$spooled" "$dropped" "$cpu"
     goal=
     [[ $mode == nats ]] && goal=$GOAL_NATS

@@ -174,8 +174,8 @@ ratio=$(awk -v x="$x_rps" -v o="$o_rps" 'BEGIN { printf "%.3f", x / o }')
 echo
 echo "median of $ROUNDS runs, $((CLIENTS * STREAMS)) concurrent streams ($CLIENTS connections x $STREAMS):"
 printf '  %-10s %10s %10s %10s\n' api 'req/s' 'p50 (us)' 'p99 (us)'
-printf '  %-10s %10.0f %10d %10d\n' own-API "$o_rps" "$(median "${O_P50[@]}")" "$(median "${O_P99[@]}")"
-printf '  %-10s %10.0f %10d %10d\n' ext_authz "$x_rps" "$(median "${X_P50[@]}")" "$(median "${X_P99[@]}")"
+printf '  %-10s %10.0f %10.0f %10.0f\n' own-API "$o_rps" "$(median "${O_P50[@]}")" "$(median "${O_P99[@]}")"
+printf '  %-10s %10.0f %10.0f %10.0f\n' ext_authz "$x_rps" "$(median "${X_P50[@]}")" "$(median "${X_P99[@]}")"
 echo "  throughput ratio ext_authz/own-API: $ratio (ratio of the medians; goal >= $GOAL)"
 echo "  median of the rounds' ratios: $(median "${RATIOS[@]}") (per round: ${RATIOS[*]})"
 if awk -v r="$ratio" -v g="$GOAL" 'BEGIN { exit !(r < g) }'; then

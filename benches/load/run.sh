@@ -173,8 +173,8 @@ ratio=$(awk -v a="$a_rps" -v e="$e_rps" 'BEGIN { printf "%.3f", a / e }')
 echo
 echo "median of $ROUNDS runs, $((CLIENTS * STREAMS)) concurrent streams ($CLIENTS connections x $STREAMS):"
 printf '  %-8s %10s %10s %10s\n' server 'req/s' 'p50 (us)' 'p99 (us)'
-printf '  %-8s %10.0f %10d %10d\n' empty "$e_rps" "$(median "${E_P50[@]}")" "$(median "${E_P99[@]}")"
-printf '  %-8s %10.0f %10d %10d\n' arbiter "$a_rps" "$(median "${A_P50[@]}")" "$(median "${A_P99[@]}")"
+printf '  %-8s %10.0f %10.0f %10.0f\n' empty "$e_rps" "$(median "${E_P50[@]}")" "$(median "${E_P99[@]}")"
+printf '  %-8s %10.0f %10.0f %10.0f\n' arbiter "$a_rps" "$(median "${A_P50[@]}")" "$(median "${A_P99[@]}")"
 echo "  throughput ratio arbiter/empty: $ratio (per round: ${RATIOS[*]}; goal >= $GOAL)"
 if awk -v r="$ratio" -v g="$GOAL" 'BEGIN { exit !(r < g) }'; then
   echo "  below the goal" >&2
