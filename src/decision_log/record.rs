@@ -317,6 +317,7 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
             Some((name, value))
         })
         .collect();
+    // A map in the JSON form: sorted, and the last of a repeated name wins.
     headers.reverse();
     headers.sort_by(|a, b| a.0.cmp(&b.0));
     headers.dedup_by(|a, b| a.0 == b.0);
