@@ -394,9 +394,9 @@ pub struct EntityStore {
     /// looks up its entity's parents and their ancestors, a decision its
     /// principal's; those are the few thousand groups, roles and tenants,
     /// and in a map of a million users each lookup missed the cache three
-    /// times (control bytes, slot, key), two thirds of what one change
-    /// cost more at a million users than at ten thousand. In a map of
-    /// their own they stay in cache.
+    /// times (control bytes, slot, key): one change cost 1.36–1.43× what
+    /// it cost at ten thousand users, 1.06–1.11× with this map (README).
+    /// In a map of their own they stay in cache.
     parent_entities: EntityMap,
 }
 
