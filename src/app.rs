@@ -244,11 +244,14 @@ impl Server {
         let sync_status = identity
             .as_ref()
             .map(|identity| Arc::new(SyncStatus::new(identity.max_staleness())));
-        let engine = Arc::new(if identity.is_some() {
-            Engine::with_external_data()
-        } else {
-            Engine::new()
-        });
+        let engine = Arc::new(
+            if identity.is_some() {
+                Engine::with_external_data()
+            } else {
+                Engine::new()
+            }
+            .with_max_hierarchy_depth(config.load.limits.max_hierarchy_depth),
+        );
         // The decision log starts first, so records an earlier run left in
         // the spool are on their way while the policies load.
         let default_spool = std::env::temp_dir().join(format!(

@@ -12,7 +12,10 @@ use crate::adapter::ext_authz::ExtAuthzConfig;
 use crate::app::{ServeConfig, TlsConfig, UdsConfig};
 use crate::decision_log::DecisionLogConfig;
 use crate::engine::loader::{DEFAULT_DECISION_CACHE_CAPACITY, DEFAULT_SLICE_CACHE_CAPACITY};
-use crate::engine::{LoadOptions, OnEvaluationError, Sources};
+use crate::engine::{
+    DEFAULT_MAX_HIERARCHY_DEPTH, DEFAULT_MAX_REQUEST_ENTITIES, LoadOptions,
+    MAX_HIERARCHY_DEPTH_CEILING, OnEvaluationError, RequestEntitiesMode, RequestLimits, Sources,
+};
 use crate::identity::IdentityConfig;
 
 /// The flags of `arbiter serve`. Each also reads `ARBITER_<NAME>`.
@@ -80,6 +83,27 @@ pub struct ServeArgs {
     /// Require client certificates issued by this PEM CA (mTLS).
     #[arg(long, env = "ARBITER_TLS_CLIENT_CA", value_name = "PEM")]
     pub tls_client_ca: Option<PathBuf>,
+    /// What a request's own entities (`entities_json`) may do: `add`
+    /// entities the store does not hold (the default), `merge` (fill in
+    /// attributes a stored entity lacks, add parents) or `replace` stored
+    /// ones for the decision (deployments with no identity store).
+    #[arg(long, env = "ARBITER_REQUEST_ENTITIES", value_name = "MODE")]
+    pub request_entities: Option<RequestEntitiesMode>,
+    /// Entities one request's `entities_json` may hold [default: 1000].
+    #[arg(long, env = "ARBITER_MAX_REQUEST_ENTITIES", value_name = "N")]
+    pub max_request_entities: Option<usize>,
+    /// The longest chain of parents an entity may have, from any source
+    /// (request, entities file, identity store) [default: 32, at most 256].
+    #[arg(long, env = "ARBITER_MAX_HIERARCHY_DEPTH", value_name = "N")]
+    pub max_hierarchy_depth: Option<u32>,
+}
+
+/// `[limits]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub max_request_entities: Option<usize>,
+    pub max_hierarchy_depth: Option<u32>,
 }
 
 /// `[tls]` in the config file.
@@ -109,6 +133,10 @@ pub struct ConfigFile {
     pub shutdown_grace_secs: Option<u64>,
     pub listen_uds: Option<PathBuf>,
     pub uds_mode: Option<String>,
+    /// `add` (default), `merge` or `replace`: see `--request-entities`.
+    pub request_entities: Option<String>,
+    /// `[limits]`: bounds on requests and hierarchies.
+    pub limits: Option<LimitsFile>,
     /// `[tls]`: TLS on the gRPC TCP listener.
     pub tls: Option<TlsFile>,
     /// Envoy ext_authz mapping (see the README).
@@ -150,7 +178,7 @@ impl ConfigFile {
 impl ServeArgs {
     /// Merges flags and env (already merged by clap) over the config file.
     pub fn resolve(&self) -> Result<ServeConfig, ConfigError> {
-        let file = match &self.config {
+        let mut file = match &self.config {
             Some(path) => {
                 let mut file = ConfigFile::read(path)?;
                 // Paths in the file are relative to the file.
@@ -211,6 +239,39 @@ impl ServeArgs {
             })?,
             (None, None) => OnEvaluationError::default(),
         };
+        let request_entities = match (self.request_entities, &file.request_entities) {
+            (Some(mode), _) => mode,
+            (None, Some(text)) => text.parse().map_err(|message| ConfigError::Invalid {
+                key: "request_entities",
+                message,
+            })?,
+            (None, None) => RequestEntitiesMode::default(),
+        };
+        let limits_file = file.limits.take().unwrap_or_default();
+        let limits = RequestLimits {
+            max_request_entities: self
+                .max_request_entities
+                .or(limits_file.max_request_entities)
+                .unwrap_or(DEFAULT_MAX_REQUEST_ENTITIES),
+            max_hierarchy_depth: self
+                .max_hierarchy_depth
+                .or(limits_file.max_hierarchy_depth)
+                .unwrap_or(DEFAULT_MAX_HIERARCHY_DEPTH),
+        };
+        if limits.max_request_entities == 0 {
+            return Err(ConfigError::Zero {
+                key: "max_request_entities",
+            });
+        }
+        if limits.max_hierarchy_depth > MAX_HIERARCHY_DEPTH_CEILING {
+            return Err(ConfigError::Invalid {
+                key: "max_hierarchy_depth",
+                message: format!(
+                    "{} is more than {MAX_HIERARCHY_DEPTH_CEILING}, the most Cedar's hierarchy walk is allowed",
+                    limits.max_hierarchy_depth
+                ),
+            });
+        }
         let reload_ms = self.reload_interval_ms.or(file.reload_interval_ms);
         if reload_ms == Some(0) {
             return Err(ConfigError::Zero {
@@ -276,6 +337,8 @@ impl ServeArgs {
                     .slice_cache_entities
                     .or(file.slice_cache_entities)
                     .unwrap_or(DEFAULT_SLICE_CACHE_CAPACITY),
+                request_entities,
+                limits,
             },
             listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
             admin_listen: self

@@ -323,6 +323,7 @@ fn event(n: usize) -> DecisionEvent {
         elapsed: Duration::from_micros(7),
         cached: false,
         slice: arbiter::engine::SliceUse::None,
+        request_entities: Vec::new(),
     };
     let mut event = DecisionEvent::new(Transport::Grpc, decision);
     event.principal = Some(Uid {

@@ -106,7 +106,9 @@ async fn evaluation_errors_fail_closed_and_are_reported() {
 
 #[tokio::test]
 async fn entities_overlay_applies_to_one_decision_only() {
-    let server = TestServer::start_embedded().await;
+    // Replacing stored entities is the operator's choice (the default,
+    // `add`, refuses it: tests/request_entities.rs).
+    let server = replacing_server().await;
     let mut client = server.client().await;
 
     // carol is a viewer: she cannot write the roadmap.
@@ -142,6 +144,13 @@ async fn entities_overlay_applies_to_one_decision_only() {
     assert_eq!(after.decision(), Decision::Deny);
     assert_eq!(after.data_revision, before.data_revision);
     server.stop().await.unwrap();
+}
+
+/// The embedded example with `request_entities = "replace"`.
+async fn replacing_server() -> TestServer {
+    let mut config = common::config(arbiter::engine::Sources::default());
+    config.load.request_entities = arbiter::engine::RequestEntitiesMode::Replace;
+    TestServer::start(config).await
 }
 
 /// Every kind of malformed input gets INVALID_ARGUMENT naming the field.
@@ -331,7 +340,7 @@ async fn metrics_count_decisions_by_outcome() {
 /// answer with its own decision id; request-scoped entities bypass it.
 #[tokio::test]
 async fn repeated_requests_hit_the_decision_cache() {
-    let server = TestServer::start_embedded().await;
+    let server = replacing_server().await;
     let mut client = server.client().await;
     let hits = |body: &str| -> f64 {
         body.lines()

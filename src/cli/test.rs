@@ -406,7 +406,13 @@ pub fn run(args: &TestArgs) -> u8 {
     } else {
         args.tests.clone()
     };
-    let snapshot = match loader::load(&sources, args.sources.options()) {
+    // A fixture's entities are the author's test data, not a caller's
+    // claim about stored entities: they describe whatever the case needs.
+    let options = crate::engine::LoadOptions {
+        request_entities: crate::engine::RequestEntitiesMode::Replace,
+        ..args.sources.options()
+    };
+    let snapshot = match loader::load(&sources, options) {
         Ok((snapshot, report)) => {
             for warning in &report.warnings {
                 eprintln!("warning: {warning}");

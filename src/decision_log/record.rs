@@ -126,6 +126,9 @@ struct RecordJson<'a> {
     evaluation_latency_us: u64,
     cached: bool,
     context: Value,
+    /// The uids of the entities the request supplied itself.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    request_entities: &'a [String],
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     headers: BTreeMap<String, String>,
 }
@@ -352,6 +355,7 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
         evaluation_latency_us: u64::try_from(decision.elapsed.as_micros()).unwrap_or(u64::MAX),
         cached: decision.cached,
         context,
+        request_entities: &decision.request_entities,
         headers: headers
             .into_iter()
             .map(|(name, value)| (name.into_owned(), value.to_owned()))
@@ -454,6 +458,16 @@ fn write_record(
             }
         }
     }
+    if !decision.request_entities.is_empty() {
+        out.extend_from_slice(b",\"request_entities\":[");
+        for (index, uid) in decision.request_entities.iter().enumerate() {
+            if index > 0 {
+                out.push(b',');
+            }
+            push_json_str(&mut out, uid);
+        }
+        out.push(b']');
+    }
     if !headers.is_empty() {
         out.extend_from_slice(b",\"headers\":{");
         for (index, (name, value)) in headers.iter().enumerate() {
@@ -495,6 +509,7 @@ mod tests {
             elapsed: Duration::from_micros(3),
             cached: true,
             slice: crate::engine::SliceUse::None,
+            request_entities: Vec::new(),
         };
         let mut event = DecisionEvent::new(Transport::ExtAuthz, decision);
         event.context_json =
@@ -549,8 +564,13 @@ mod tests {
             elapsed: Duration::from_micros(1_234_567),
             cached: false,
             slice: crate::engine::SliceUse::None,
+            request_entities: Vec::new(),
         };
         for round in 0..3 {
+            if round == 2 {
+                decision.request_entities =
+                    vec![format!("Saas::User::{awkward:?}"), "G::\"a\"".into()];
+            }
             let mut event = DecisionEvent::new(Transport::Grpc, decision.clone());
             event.timestamp = UNIX_EPOCH + Duration::from_micros(1_764_406_416_000_007);
             if round > 0 {
@@ -627,6 +647,7 @@ mod tests {
             elapsed: Duration::ZERO,
             cached: false,
             slice: crate::engine::SliceUse::None,
+            request_entities: Vec::new(),
         };
         let cases = [
             (

@@ -23,6 +23,9 @@ pub struct Decision {
     pub cached: bool,
     /// What synced entity data was evaluated against.
     pub slice: SliceUse,
+    /// The uids of the entities the request itself supplied
+    /// (`entities_json`), in its order: the decision log records them.
+    pub request_entities: Vec<String>,
 }
 
 /// Whether a decision over synced entity data built its slice of the store

@@ -43,7 +43,8 @@ use std::time::{Duration, Instant};
 
 use cedar_policy::{Entities, Entity, EntityUid, EvalResult, RestrictedExpression};
 
-use super::snapshot::entity_references;
+use super::hierarchy::{self, DEFAULT_MAX_HIERARCHY_DEPTH};
+use super::snapshot::{entity_references, refuse_overlay_parent};
 use smol_str::SmolStr;
 
 /// An attribute or tag value as stored: Cedar's values, compactly. Short
@@ -159,6 +160,44 @@ impl UidInterner {
 #[error("stored entity could not be rebuilt for Cedar: {0}")]
 pub struct MaterializeError(String);
 
+/// Why a slice could not be handed to Cedar.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SliceError {
+    #[error(transparent)]
+    Materialize(#[from] MaterializeError),
+    #[error(transparent)]
+    Hierarchy(#[from] hierarchy::HierarchyError),
+    #[error(
+        "entity `{parent}` is a parent of the stored entity `{child}`: a request may not add it (`request_entities = \"add\"`)"
+    )]
+    OverlayParent {
+        parent: Box<EntityUid>,
+        child: Box<EntityUid>,
+    },
+}
+
+/// The parent edges of a slice's entities, measured before Cedar computes
+/// their closure.
+#[derive(Default)]
+pub(crate) struct SliceGraph {
+    nodes: Vec<EntityUid>,
+    parents: Vec<Vec<EntityUid>>,
+}
+
+impl SliceGraph {
+    pub(crate) fn add(&mut self, uid: EntityUid, parents: Vec<EntityUid>) {
+        self.nodes.push(uid);
+        self.parents.push(parents);
+    }
+
+    pub(crate) fn check(&self, max_depth: u32) -> Result<(), hierarchy::HierarchyError> {
+        if self.nodes.is_empty() {
+            return Ok(());
+        }
+        hierarchy::check(&self.nodes, |at| self.parents[at].iter(), |_| 0, max_depth)
+    }
+}
+
 /// An entity that cannot be stored: an attribute or tag that is not a
 /// value (a residual of partial evaluation).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -181,6 +220,11 @@ pub struct StoredEntity {
     /// Set when the entity is stored: unique in the process, so two stored
     /// entities with the same stamp are the same value (see [`Stamp`]).
     stamp: Stamp,
+    /// The longest chain of parents above it when it was stored (0: no
+    /// parents). A later move of an ancestor is not fanned out to it, so
+    /// this may be lower than the present depth; a decision's slice is
+    /// measured again before Cedar sees it.
+    depth: u32,
 }
 
 /// Identifies one stored version of an entity: every [`EntityStore::upsert`]
@@ -243,6 +287,7 @@ impl StoredEntity {
             tags: values(entity.tags(), uids)?,
             parents: parents.into_boxed_slice(),
             stamp: ABSENT,
+            depth: 0,
         })
     }
 
@@ -326,6 +371,14 @@ pub enum StoreError {
         uid: Box<EntityUid>,
         parent: Box<EntityUid>,
     },
+    #[error(
+        "parent `{parent}` of `{uid}` would give it a chain of more than {max} ancestors (`max_hierarchy_depth`)"
+    )]
+    TooDeep {
+        uid: Box<EntityUid>,
+        parent: Box<EntityUid>,
+        max: u32,
+    },
 }
 
 impl StoreError {
@@ -334,7 +387,8 @@ impl StoreError {
         match self {
             StoreError::MissingParent { uid, .. }
             | StoreError::Cycle { uid, .. }
-            | StoreError::ParentRefused { uid, .. } => uid,
+            | StoreError::ParentRefused { uid, .. }
+            | StoreError::TooDeep { uid, .. } => uid,
         }
     }
 
@@ -344,6 +398,7 @@ impl StoreError {
             StoreError::MissingParent { .. } => "missing_parent",
             StoreError::Cycle { .. } => "cycle",
             StoreError::ParentRefused { .. } => "parent_refused",
+            StoreError::TooDeep { .. } => "too_deep",
         }
     }
 }
@@ -385,7 +440,7 @@ type EntityMap = HashMap<Arc<EntityUid>, Arc<StoredEntity>, foldhash::fast::Rand
 /// per uid, shared by the children's edges). Hashed with foldhash: a lookup
 /// hashes a type name and an id, and a decision's walk does a few dozen.
 /// `Clone` copies the maps (the entities are shared).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EntityStore {
     entities: EntityMap,
     /// The stored entities that are a parent of a stored entity (or were,
@@ -400,11 +455,32 @@ pub struct EntityStore {
     /// at a million users what it cost at ten thousand, 1.06–1.11× with
     /// this map (README).
     parent_entities: EntityMap,
+    /// An entity whose chain of ancestors would be longer is refused.
+    max_depth: u32,
+}
+
+impl Default for EntityStore {
+    fn default() -> Self {
+        EntityStore {
+            entities: EntityMap::default(),
+            parent_entities: EntityMap::default(),
+            max_depth: DEFAULT_MAX_HIERARCHY_DEPTH,
+        }
+    }
 }
 
 impl EntityStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store that refuses entities with more than `max_depth`
+    /// ancestors in a chain.
+    pub fn with_max_depth(max_depth: u32) -> Self {
+        EntityStore {
+            max_depth,
+            ..Self::default()
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -479,6 +555,7 @@ impl EntityStore {
         // among a parent's ancestors.
         let mut parent_keys: Vec<Arc<EntityUid>> = Vec::with_capacity(stored.parents.len());
         let mut seen = Ancestors::default();
+        let mut depth = 0;
         for parent in stored.parent_uids() {
             let Some((key, entity)) = self.entry(parent) else {
                 return Err(StoreError::MissingParent {
@@ -486,6 +563,16 @@ impl EntityStore {
                     parent: Box::new(parent.clone()),
                 });
             };
+            // Before the walk up: it then never goes deeper than the limit
+            // (as far as the stored depths are current).
+            depth = depth.max(entity.depth.saturating_add(1));
+            if depth > self.max_depth {
+                return Err(StoreError::TooDeep {
+                    uid: Box::new(uid.clone()),
+                    parent: Box::new(parent.clone()),
+                    max: self.max_depth,
+                });
+            }
             if parent == uid || self.reaches(entity, uid, &mut seen) {
                 return Err(StoreError::Cycle {
                     uid: Box::new(uid.clone()),
@@ -496,7 +583,7 @@ impl EntityStore {
         }
         let kept = previous
             .and_then(|previous| previous.get(uid))
-            .filter(|old| old.same_content(&stored))
+            .filter(|old| old.same_content(&stored) && old.depth == depth)
             .cloned();
         let value = match kept {
             Some(old) => old,
@@ -525,6 +612,7 @@ impl EntityStore {
                     parents,
                     attrs: stored.attrs,
                     tags: stored.tags,
+                    depth,
                 })
             }
         };
@@ -583,7 +671,11 @@ impl EntityStore {
     pub fn from_entities(
         entities: impl IntoIterator<Item = StoredEntity>,
     ) -> (EntityStore, Vec<StoreError>) {
-        Self::from_entities_reusing(entities.into_iter().collect(), None)
+        Self::from_entities_reusing(
+            entities.into_iter().collect(),
+            None,
+            DEFAULT_MAX_HIERARCHY_DEPTH,
+        )
     }
 
     /// [`EntityStore::from_entities`] for a reconciliation: entities equal
@@ -591,6 +683,7 @@ impl EntityStore {
     pub fn from_entities_reusing(
         entities: Vec<StoredEntity>,
         previous: Option<&EntityStore>,
+        max_depth: u32,
     ) -> (EntityStore, Vec<StoreError>) {
         // Rows by index (the last listing of a uid wins), in the listing's
         // own allocation. Nothing here grows by doubling: an outgrown copy
@@ -637,6 +730,7 @@ impl EntityStore {
         let mut store = EntityStore {
             entities: HashMap::with_capacity_and_hasher(rows.len(), Default::default()),
             parent_entities: EntityMap::default(),
+            max_depth,
         };
         // Puts row `at` on the walk, its parents' rows after those of the
         // rows below it.
@@ -682,23 +776,31 @@ impl EntityStore {
                 if marks[at] == Mark::Left {
                     continue; // left in `rows`, reported below
                 }
-                // Its parents are stored, so the upsert's own checks pass.
-                let stored = rows[at]
-                    .take()
-                    .is_some_and(|entity| store.upsert_reusing(entity, previous).is_ok());
+                // Its parents are stored, so the upsert refuses it only
+                // when it would be too deep.
+                let stored = match rows[at].take().map(|e| store.upsert_reusing(e, previous)) {
+                    Some(Ok(_)) => true,
+                    Some(Err(error)) => {
+                        refused.push(error);
+                        false
+                    }
+                    None => false,
+                };
                 marks[at] = if stored { Mark::Stored } else { Mark::Left };
             }
         }
         drop(marks);
         // Whatever is left sits on a cycle or waits on a refused parent.
-        for entity in rows.iter().flatten() {
+        let cycles = on_cycles(&rows, &index);
+        for (at, entity) in rows.iter().enumerate() {
+            let Some(entity) = entity else { continue };
             let uid = entity.uid();
             let parent = entity
                 .parent_uids()
                 .find(|parent| !store.contains(parent))
                 .cloned()
                 .unwrap_or_else(|| uid.clone());
-            refused.push(if on_cycle(&rows, &index, uid) {
+            refused.push(if cycles[at] {
                 StoreError::Cycle {
                     uid: Box::new(uid.clone()),
                     parent: Box::new(parent),
@@ -721,8 +823,9 @@ impl EntityStore {
         &self,
         roots: impl IntoIterator<Item = EntityUid>,
         overlay: &Entities,
-    ) -> Result<Vec<Entity>, MaterializeError> {
-        self.walk(roots, Some(overlay), |_, _| {})
+        may_parent_stored: bool,
+    ) -> Result<Vec<Entity>, SliceError> {
+        self.walk(roots, Some(overlay), may_parent_stored, |_, _| {})
     }
 }
 
@@ -735,24 +838,29 @@ impl EntityStore {
         &self,
         roots: impl IntoIterator<Item = EntityUid>,
         looked_up: &mut Vec<(EntityUid, Stamp)>,
-    ) -> Result<Vec<Entity>, MaterializeError> {
-        self.walk(roots, None, |uid, stamp| {
+    ) -> Result<Vec<Entity>, SliceError> {
+        self.walk(roots, None, true, |uid, stamp| {
             looked_up.push((uid.clone(), stamp.unwrap_or(ABSENT)));
         })
     }
 
     /// The one traversal behind both slices: overlay entities first, then
     /// stored ones; `stored_lookup` sees every uid looked up in the store
-    /// with its stamp (`None`: not there).
+    /// with its stamp (`None`: not there). The slice's hierarchy is
+    /// measured before it is returned (Cedar's closure over it recurses
+    /// once per level): a stored depth can be out of date after an
+    /// ancestor moved, and request entities can put stored ones deeper.
     fn walk(
         &self,
         roots: impl IntoIterator<Item = EntityUid>,
         overlay: Option<&Entities>,
+        may_parent_stored: bool,
         mut stored_lookup: impl FnMut(&EntityUid, Option<Stamp>),
-    ) -> Result<Vec<Entity>, MaterializeError> {
+    ) -> Result<Vec<Entity>, SliceError> {
         let mut seen: HashSet<EntityUid> = HashSet::new();
         let mut pending: Vec<EntityUid> = roots.into_iter().collect();
         let mut slice = Vec::new();
+        let mut graph = SliceGraph::default();
         while let Some(uid) = pending.pop() {
             if seen.contains(&uid) {
                 continue;
@@ -760,10 +868,14 @@ impl EntityStore {
             if let Some(entity) = overlay.and_then(|overlay| overlay.get(&uid)) {
                 let mut out = Vec::new();
                 entity_references(entity, &mut out);
-                if let Some(overlay) = overlay {
-                    out.extend(overlay.ancestors(&uid).into_iter().flatten().cloned());
-                }
+                let ancestors: Vec<EntityUid> = overlay
+                    .into_iter()
+                    .flat_map(|overlay| overlay.ancestors(&uid).into_iter().flatten())
+                    .cloned()
+                    .collect();
+                out.extend(ancestors.iter().cloned());
                 pending.extend(out.into_iter().filter(|uid| !seen.contains(uid)));
+                graph.add(uid.clone(), ancestors);
                 slice.push(entity.clone());
             } else {
                 let stored = self.get(&uid);
@@ -776,11 +888,18 @@ impl EntityStore {
                     };
                     stored.parent_uids().for_each(&mut follow);
                     stored.references(follow);
+                    if let (Some(overlay), false) = (overlay, may_parent_stored) {
+                        refuse_overlay_parent(&uid, stored.parent_uids(), overlay)?;
+                    }
+                    if !stored.parents.is_empty() {
+                        graph.add(uid.clone(), stored.parent_uids().cloned().collect());
+                    }
                     slice.push(stored.to_entity()?);
                 }
             }
             seen.insert(uid);
         }
+        graph.check(self.max_depth)?;
         Ok(slice)
     }
 
@@ -926,29 +1045,95 @@ enum Mark {
     Left,
 }
 
-/// True when `start` reaches itself through parents among the entities
-/// left in `rows`.
-fn on_cycle(
+/// For each row left in `rows`, whether it is on a cycle of parents among
+/// the rows left (Tarjan's strongly connected components, with a stack of
+/// its own). Linear: a walk up from each row was quadratic in a long chain
+/// left below a refused entity.
+fn on_cycles(
     rows: &[Option<StoredEntity>],
     index: &HashMap<Arc<EntityUid>, u32, foldhash::fast::RandomState>,
-    start: &EntityUid,
-) -> bool {
-    let mut seen: HashSet<&EntityUid> = HashSet::new();
-    let mut pending: Vec<&EntityUid> = vec![start];
-    while let Some(uid) = pending.pop() {
-        let Some(entity) = index.get(uid).and_then(|&at| rows[at as usize].as_ref()) else {
+) -> Vec<bool> {
+    const UNSEEN: u32 = u32::MAX;
+    struct Walk {
+        order: Vec<u32>,
+        low: Vec<u32>,
+        on_stack: Vec<bool>,
+        component: Vec<u32>,
+        next_order: u32,
+        // (row, its parents, the next parent to look at)
+        path: Vec<(u32, Vec<u32>, usize)>,
+    }
+    impl Walk {
+        fn enter(&mut self, at: u32, parents: Vec<u32>) {
+            self.order[at as usize] = self.next_order;
+            self.low[at as usize] = self.next_order;
+            self.next_order += 1;
+            self.on_stack[at as usize] = true;
+            self.component.push(at);
+            self.path.push((at, parents, 0));
+        }
+    }
+    let parents_of = |at: usize| -> Vec<u32> {
+        rows[at]
+            .iter()
+            .flat_map(|entity| entity.parent_uids())
+            .filter_map(|parent| index.get(parent).copied())
+            .filter(|&parent| rows[parent as usize].is_some())
+            .collect()
+    };
+    let mut on_cycle = vec![false; rows.len()];
+    let mut walk = Walk {
+        order: vec![UNSEEN; rows.len()],
+        low: vec![0; rows.len()],
+        on_stack: vec![false; rows.len()],
+        component: Vec::new(),
+        next_order: 0,
+        path: Vec::new(),
+    };
+    for (root, row) in rows.iter().enumerate() {
+        if row.is_none() || walk.order[root] != UNSEEN {
             continue;
-        };
-        for parent in entity.parent_uids() {
-            if parent == start {
-                return true;
+        }
+        walk.enter(root as u32, parents_of(root));
+        while let Some((at, parents, next)) = walk.path.last_mut() {
+            let at = *at as usize;
+            if let Some(&parent) = parents.get(*next) {
+                *next += 1;
+                let p = parent as usize;
+                if p == at {
+                    on_cycle[at] = true;
+                }
+                if walk.order[p] == UNSEEN {
+                    walk.enter(parent, parents_of(p));
+                } else if walk.on_stack[p] {
+                    walk.low[at] = walk.low[at].min(walk.order[p]);
+                }
+                continue;
             }
-            if seen.insert(parent) {
-                pending.push(parent);
+            walk.path.pop();
+            if let Some((child, _, _)) = walk.path.last() {
+                let child = *child as usize;
+                walk.low[child] = walk.low[child].min(walk.low[at]);
+            }
+            if walk.low[at] == walk.order[at] {
+                // `at` roots a component: everything above it on the stack.
+                let mut members = Vec::new();
+                while let Some(member) = walk.component.pop() {
+                    walk.on_stack[member as usize] = false;
+                    members.push(member);
+                    if member as usize == at {
+                        break;
+                    }
+                }
+                if members.len() > 1 {
+                    for member in members {
+                        on_cycle[member as usize] = true;
+                    }
+                }
             }
         }
     }
-    false
+    on_cycle
 }
 
 #[cfg(test)]
@@ -1123,7 +1308,7 @@ pub(crate) mod tests {
                     assert_eq!(store.contains(&uid(r#"G::"b""#)), b.is_some());
                     assert_eq!(store.stamp(&uid(r#"G::"b""#)) != ABSENT, b.is_some());
                     let child = store
-                        .slice_with_overlay([uid(r#"U::"u""#)], &Entities::empty())
+                        .slice_with_overlay([uid(r#"U::"u""#)], &Entities::empty(), true)
                         .unwrap();
                     // The user, then `b` and its parents when `b` is stored.
                     assert_eq!(child.len(), 1 + b.map_or(0, |b| 1 + b.len()));
@@ -1244,8 +1429,84 @@ pub(crate) mod tests {
             entity(r#"U::"other""#, &[]),
         ]);
         let slice = store
-            .slice_with_overlay([uid(r#"U::"u""#)], &Entities::empty())
+            .slice_with_overlay([uid(r#"U::"u""#)], &Entities::empty(), true)
             .unwrap();
         assert_eq!(slice.len(), 3);
+    }
+
+    /// A chain `G::"g0"` (top) .. `G::"g{n-1}"`, parents first.
+    fn chain(n: usize) -> Vec<StoredEntity> {
+        (0..n)
+            .map(|i| {
+                let parent = format!(r#"G::"g{}""#, i.wrapping_sub(1));
+                let parents: Vec<&str> = if i == 0 { vec![] } else { vec![&parent] };
+                entity(&format!(r#"G::"g{i}""#), &parents)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_listing_deeper_than_the_limit_is_refused_below_it() {
+        // 10,000 levels: the 33rd and below are refused, not stored, in
+        // one linear pass (a walk of every chain took quadratic time).
+        let (store, refused) = EntityStore::from_entities_reusing(chain(10_000), None, 32);
+        assert_eq!(store.len(), 33);
+        assert_eq!(refused.len(), 10_000 - 33);
+        let too_deep: Vec<_> = refused.iter().filter(|e| e.kind() == "too_deep").collect();
+        assert_eq!(too_deep.len(), 1, "{too_deep:?}");
+        assert_eq!(too_deep[0].uid(), &uid(r#"G::"g33""#));
+        assert!(too_deep[0].to_string().contains("more than 32 ancestors"));
+        assert!(
+            refused
+                .iter()
+                .all(|e| matches!(e.kind(), "too_deep" | "parent_refused"))
+        );
+        // A change that would go deeper is refused the same way.
+        let mut store = store;
+        let error = store
+            .upsert(entity(r#"U::"u""#, &[r#"G::"g32""#]))
+            .unwrap_err();
+        assert_eq!(error.kind(), "too_deep");
+        store.upsert(entity(r#"U::"u""#, &[r#"G::"g31""#])).unwrap();
+    }
+
+    #[test]
+    fn a_slice_made_too_deep_by_a_moved_ancestor_is_refused_not_handed_to_cedar() {
+        // Two chains of 20 each within the limit; then the top of one is put
+        // under the bottom of the other. Its descendants' stored depths are
+        // now out of date (a move does not fan out), and their true chain
+        // is 40 long: the slice's own measure catches it.
+        let mut store = EntityStore::with_max_depth(32);
+        for i in 0..20 {
+            let parent = format!(r#"A::"{}""#, i as i64 - 1);
+            let parents: Vec<&str> = if i == 0 { vec![] } else { vec![&parent] };
+            store
+                .upsert(entity(&format!(r#"A::"{i}""#), &parents))
+                .unwrap();
+            let parent = format!(r#"B::"{}""#, i as i64 - 1);
+            let parents: Vec<&str> = if i == 0 { vec![] } else { vec![&parent] };
+            store
+                .upsert(entity(&format!(r#"B::"{i}""#), &parents))
+                .unwrap();
+        }
+        store.upsert(entity(r#"A::"0""#, &[r#"B::"19""#])).unwrap();
+        let error = store
+            .slice_with_overlay([uid(r#"A::"19""#)], &Entities::empty(), true)
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                SliceError::Hierarchy(hierarchy::HierarchyError::TooDeep { max: 32, .. })
+            ),
+            "{error}"
+        );
+        // A slice that stays within the limit is served.
+        assert_eq!(
+            store
+                .slice_with_overlay([uid(r#"B::"19""#)], &Entities::empty(), true)
+                .unwrap()
+                .len(),
+            20
+        );
     }
 }

@@ -16,6 +16,8 @@ use miette::{Diagnostic, GraphicalReportHandler, GraphicalTheme, NamedSource};
 use sha2::{Digest, Sha256};
 
 use super::error::{LoadDiagnostic, LoadError};
+use super::hierarchy;
+use super::request_overlay::{self, RequestEntitiesMode, RequestLimits};
 use super::snapshot::{EntityData, PolicySnapshot, Snapshot};
 
 /// The example in `policies/`, compiled into the binary: `(relative path, text)`.
@@ -65,6 +67,10 @@ pub struct LoadOptions {
     /// Entities held in prepared slices of synced data, across all cached
     /// slices (0 turns the slice cache off).
     pub slice_cache_capacity: u64,
+    /// How a request's own entities combine with the stored ones.
+    pub request_entities: RequestEntitiesMode,
+    /// Bounds on requests and on every entity hierarchy.
+    pub limits: RequestLimits,
 }
 
 /// The default size of the per-snapshot decision cache.
@@ -109,6 +115,8 @@ impl Default for LoadOptions {
             on_evaluation_error: OnEvaluationError::Deny,
             decision_cache_capacity: DEFAULT_DECISION_CACHE_CAPACITY,
             slice_cache_capacity: DEFAULT_SLICE_CACHE_CAPACITY,
+            request_entities: RequestEntitiesMode::default(),
+            limits: RequestLimits::default(),
         }
     }
 }
@@ -310,7 +318,11 @@ pub fn build(inputs: &Inputs, options: LoadOptions) -> Result<(Snapshot, LoadRep
         }
     }
 
-    let entities = parse_entities(inputs.entities.as_ref(), schema.as_ref())?;
+    let entities = parse_entities(
+        inputs.entities.as_ref(),
+        schema.as_ref(),
+        options.limits.max_hierarchy_depth,
+    )?;
 
     let policy_revision = revision(
         inputs
@@ -434,11 +446,13 @@ fn parse_schema(file: &SourceFile) -> Result<(Schema, Vec<LoadDiagnostic>), Vec<
 pub(crate) fn parse_entities(
     file: Option<&SourceFile>,
     schema: Option<&Schema>,
+    max_depth: u32,
 ) -> Result<Entities, LoadError> {
     let (name, text) = match file {
         Some(file) => (file.name.as_str(), &*file.text),
         None => ("<no entities>", "[]"),
     };
+    check_hierarchy(name, text, max_depth)?;
     Entities::from_json_str(text, schema).map_err(|error| {
         let file = SourceFile {
             name: name.to_owned(),
@@ -452,6 +466,26 @@ pub(crate) fn parse_entities(
             diagnostics: vec![diagnostic],
         }
     })
+}
+
+/// Measures the file's hierarchy before Cedar computes its closure (which
+/// recurses once per level: a long chain of parents aborted the process at
+/// every start). What is not an array of entities is left to Cedar's
+/// diagnostics.
+fn check_hierarchy(name: &str, text: &str, max_depth: u32) -> Result<(), LoadError> {
+    let Ok(serde_json::Value::Array(items)) = serde_json::from_str(text) else {
+        return Ok(());
+    };
+    let refuse = |message: String| {
+        let mut diagnostic = LoadDiagnostic::plain(name, &message);
+        diagnostic.location = locate_entity_error(text, &message);
+        LoadError {
+            diagnostics: vec![diagnostic],
+        }
+    };
+    let (nodes, parents) = request_overlay::graph(&items).map_err(refuse)?;
+    hierarchy::check(&nodes, |at| parents[at].iter(), |_| 0, max_depth)
+        .map_err(|error| refuse(error.to_string()))
 }
 
 /// Cedar's entity errors carry no source span. Find the line anyway: from

@@ -10,8 +10,10 @@ mod decision;
 mod decision_cache;
 pub mod entity_store;
 mod error;
+pub mod hierarchy;
 pub mod loader;
 mod request_entities;
+pub mod request_overlay;
 mod slice_cache;
 mod snapshot;
 
@@ -26,8 +28,10 @@ use cedar_policy::{
 
 pub use decision::{Decision, PolicyEvaluationError, SliceUse};
 pub use error::{LoadDiagnostic, LoadError, RequestError, RequestField};
+pub use hierarchy::{DEFAULT_MAX_HIERARCHY_DEPTH, MAX_HIERARCHY_DEPTH_CEILING};
 pub use loader::{LoadOptions, LoadReport, OnEvaluationError, Sources};
 pub use request_entities::{EntityMerge, EntityRef, RequestEntities, SealedMerge};
+pub use request_overlay::{DEFAULT_MAX_REQUEST_ENTITIES, RequestEntitiesMode, RequestLimits};
 pub use snapshot::{EntityData, PolicySnapshot, Snapshot};
 
 use snapshot::collect_uids;
@@ -66,6 +70,8 @@ pub struct Engine {
     external_data: bool,
     /// The source position of the data now served, for `min_data_revision`.
     positions: tokio::sync::watch::Sender<Option<u64>>,
+    /// The longest chain of parents synced data may have.
+    max_hierarchy_depth: u32,
 }
 
 #[derive(Debug, Default)]
@@ -89,6 +95,7 @@ impl Default for Engine {
             parts: Mutex::new(Parts::default()),
             external_data: false,
             positions: tokio::sync::watch::Sender::new(None),
+            max_hierarchy_depth: DEFAULT_MAX_HIERARCHY_DEPTH,
         }
     }
 }
@@ -105,6 +112,17 @@ impl Engine {
             external_data: true,
             ..Self::default()
         }
+    }
+
+    /// Synced data with a chain of more than `depth` ancestors is refused
+    /// by the identity store (`max_hierarchy_depth`).
+    pub fn with_max_hierarchy_depth(mut self, depth: u32) -> Self {
+        self.max_hierarchy_depth = depth;
+        self
+    }
+
+    pub fn max_hierarchy_depth(&self) -> u32 {
+        self.max_hierarchy_depth
     }
 
     /// Makes `snapshot` the state every later decision sees. With external
@@ -253,6 +271,7 @@ impl Engine {
                 elapsed: started.elapsed(),
                 cached: true,
                 slice: SliceUse::None,
+                request_entities: Vec::new(),
             });
         }
         let policies = &*snapshot.policies;
@@ -323,6 +342,8 @@ impl Engine {
             (Some(cache), Some(store)) if !has_overlay => Some((cache, store)),
             _ => None,
         };
+        // The uids the request's `entities_json` supplied, for the log.
+        let mut supplied: Vec<EntityUid> = Vec::new();
         let mut slice_use = if needs_slice {
             SliceUse::Built
         } else {
@@ -344,7 +365,7 @@ impl Engine {
                         let mut looked_up = Vec::new();
                         let mut slice = store
                             .slice_recording(roots.iter().cloned(), &mut looked_up)
-                            .map_err(stored_data_error)?;
+                            .map_err(|error| slice_error(error, false))?;
                         add_action_entities(&mut slice, request.action(), policies);
                         let entities = Entities::from_entities(slice, None).map_err(|error| {
                             RequestError::invalid_because(RequestField::Entities, &error)
@@ -360,7 +381,21 @@ impl Engine {
             }
             _ => {
                 let overlay = if has_json_overlay {
-                    parse_overlay(input.entities_json, schema)?
+                    let (overlay, uids) =
+                        request_overlay::parse(input.entities_json, schema, &policies.limits)?;
+                    supplied = uids;
+                    let principal = request.principal().ok_or_else(|| {
+                        RequestError::Internal("the request lost its principal".into())
+                    })?;
+                    request_overlay::apply_mode(
+                        policies.request_entities,
+                        overlay,
+                        &supplied,
+                        &snapshot.data,
+                        policies,
+                        principal,
+                        schema,
+                    )?
                 } else {
                     Entities::empty()
                 };
@@ -370,8 +405,13 @@ impl Engine {
                 };
                 let mut slice = snapshot
                     .data
-                    .slice_with_overlay(roots, &overlay)
-                    .map_err(stored_data_error)?;
+                    .slice_with_overlay(
+                        roots,
+                        &overlay,
+                        policies.limits.max_hierarchy_depth,
+                        policies.request_entities != RequestEntitiesMode::Add,
+                    )
+                    .map_err(|error| slice_error(error, has_json_overlay))?;
                 if snapshot.data.whole().is_none() {
                     add_action_entities(&mut slice, request.action(), policies);
                 }
@@ -428,6 +468,7 @@ impl Engine {
             elapsed: started.elapsed(),
             cached: false,
             slice: slice_use,
+            request_entities: supplied.iter().map(ToString::to_string).collect(),
         })
     }
 }
@@ -520,9 +561,21 @@ fn stored_data_error(error: entity_store::MaterializeError) -> RequestError {
     RequestError::Internal(error.to_string())
 }
 
-fn parse_overlay(json: &str, schema: Option<&Schema>) -> Result<Entities, RequestError> {
-    Entities::from_json_str(json, schema)
-        .map_err(|error| RequestError::invalid_because(RequestField::Entities, &error))
+/// A slice that could not be handed to Cedar: the request's fault when
+/// its own entities made it so, else Arbiter's (the decision fails closed).
+fn slice_error(error: entity_store::SliceError, from_request: bool) -> RequestError {
+    use entity_store::SliceError;
+    match error {
+        SliceError::Materialize(error) => stored_data_error(error),
+        SliceError::OverlayParent { .. } => RequestError::invalid(RequestField::Entities, error),
+        SliceError::Hierarchy(error) if from_request => {
+            RequestError::invalid(RequestField::Entities, error)
+        }
+        SliceError::Hierarchy(error) => {
+            tracing::error!(target: "arbiter::engine", %error, "decision refused: stored hierarchy");
+            RequestError::Internal(error.to_string())
+        }
+    }
 }
 
 /// The overlay with each merge applied over the overlay's copy of the entity,

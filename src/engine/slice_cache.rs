@@ -146,7 +146,7 @@ mod tests {
         prepare(&cache, &store, &bob);
         // Reconciliation: ann moved from a to b, bob unchanged.
         let (relisted, _) =
-            EntityStore::from_entities_reusing(listing(&[r#"G::"b""#]).into(), Some(&store));
+            EntityStore::from_entities_reusing(listing(&[r#"G::"b""#]).into(), Some(&store), 32);
         assert!(cache.get(&ann, &relisted).is_none());
         assert!(cache.get(&bob, &relisted).is_some());
         // Without reuse, everything is new.

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::decision_cache::DecisionCache;
-use super::entity_store::{EntityStore, MaterializeError};
+use super::entity_store::{EntityStore, MaterializeError, SliceError, SliceGraph};
 use super::loader::{LoadOptions, OnEvaluationError};
+use super::request_overlay::{RequestEntitiesMode, RequestLimits};
 use super::slice_cache::SliceCache;
 use cedar_policy::{Entities, Entity, EntityUid, EvalResult, PolicySet, Schema};
 
@@ -80,6 +81,10 @@ pub struct PolicySnapshot {
     /// Validate requests against the schema (when there is one).
     pub validate_requests: bool,
     pub on_evaluation_error: OnEvaluationError,
+    /// How a request's own entities combine with the stored ones.
+    pub request_entities: RequestEntitiesMode,
+    /// Bounds on what one request may carry.
+    pub limits: RequestLimits,
     /// Entities named literally in some policy: a request-scoped slice of the
     /// store must contain them, since a policy can reach them without going
     /// through the request.
@@ -116,12 +121,23 @@ impl PolicySnapshot {
             revision,
             validate_requests: options.validate_requests,
             on_evaluation_error: options.on_evaluation_error,
+            request_entities: options.request_entities,
+            limits: options.limits,
             literal_uids: literals.into_iter().collect(),
         }
     }
 
     pub fn policy_count(&self) -> usize {
         self.policies.num_of_policies()
+    }
+
+    /// An action the schema declares (or one of its action groups).
+    pub(crate) fn is_action(&self, uid: &EntityUid) -> bool {
+        self.declared_actions.contains(uid)
+            || self
+                .action_entities
+                .as_ref()
+                .is_some_and(|actions| actions.get(uid).is_some())
     }
 }
 
@@ -206,6 +222,14 @@ impl EntityData {
         }
     }
 
+    /// Whether `uid` is stored.
+    pub fn contains(&self, uid: &EntityUid) -> bool {
+        match &self.backing {
+            Backing::Whole { entities, .. } => entities.get(uid).is_some(),
+            Backing::Store(store) => store.contains(uid),
+        }
+    }
+
     pub fn len(&self) -> usize {
         match &self.backing {
             Backing::Whole { entities, .. } => entities.len(),
@@ -222,21 +246,30 @@ impl EntityData {
     /// slice gives the same answer as evaluating against the whole store with
     /// the overlay merged in, because Cedar can reach an entity only from the
     /// request, the context, policy literals, or another reachable entity.
+    /// The slice's hierarchy is measured against `max_depth` (file data; a
+    /// synced store has its own limit) before Cedar computes its closure.
+    /// Unless `may_parent_stored`, an overlay entity that a stored entity
+    /// names as a parent (an edge left dangling in the store) is refused.
     pub fn slice_with_overlay(
         &self,
         roots: impl IntoIterator<Item = EntityUid>,
         overlay: &Entities,
-    ) -> Result<Vec<Entity>, MaterializeError> {
+        max_depth: u32,
+        may_parent_stored: bool,
+    ) -> Result<Vec<Entity>, SliceError> {
         let (entities, references) = match &self.backing {
             Backing::Whole {
                 entities,
                 references,
             } => (entities, references),
-            Backing::Store(store) => return store.slice_with_overlay(roots, overlay),
+            Backing::Store(store) => {
+                return store.slice_with_overlay(roots, overlay, may_parent_stored);
+            }
         };
         let mut seen: HashSet<EntityUid> = HashSet::new();
         let mut pending: Vec<EntityUid> = roots.into_iter().collect();
         let mut slice = Vec::new();
+        let mut graph = SliceGraph::default();
         while let Some(uid) = pending.pop() {
             if !seen.insert(uid.clone()) {
                 continue;
@@ -246,8 +279,15 @@ impl EntityData {
                 // its parents so their ancestors join the closure.
                 let mut out = Vec::new();
                 entity_references(entity, &mut out);
-                out.extend(overlay.ancestors(&uid).into_iter().flatten().cloned());
+                let ancestors: Vec<EntityUid> = overlay
+                    .ancestors(&uid)
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+                    .collect();
+                out.extend(ancestors.iter().cloned());
                 pending.extend(out.into_iter().filter(|uid| !seen.contains(uid)));
+                graph.add(uid, ancestors);
                 slice.push(entity.clone());
             } else if let Some(entity) = entities.get(&uid) {
                 if let Some(references) = references.get(&uid) {
@@ -258,10 +298,41 @@ impl EntityData {
                             .cloned(),
                     );
                 }
+                let ancestors: Vec<EntityUid> = entities
+                    .ancestors(&uid)
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+                    .collect();
+                if !may_parent_stored {
+                    refuse_overlay_parent(&uid, &ancestors, overlay)?;
+                }
+                if !ancestors.is_empty() {
+                    graph.add(uid, ancestors);
+                }
                 slice.push(entity.clone());
             }
         }
+        graph.check(max_depth)?;
         Ok(slice)
+    }
+}
+
+/// Refuses a request entity in the place of a stored entity's parent.
+pub(crate) fn refuse_overlay_parent<'a>(
+    child: &EntityUid,
+    parents: impl IntoIterator<Item = &'a EntityUid>,
+    overlay: &Entities,
+) -> Result<(), SliceError> {
+    match parents
+        .into_iter()
+        .find(|parent| overlay.get(parent).is_some())
+    {
+        Some(parent) => Err(SliceError::OverlayParent {
+            parent: Box::new(parent.clone()),
+            child: Box::new(child.clone()),
+        }),
+        None => Ok(()),
     }
 }
 

@@ -333,10 +333,10 @@ pub struct Applier {
 impl Applier {
     pub fn new(engine: Arc<Engine>, status: Arc<SyncStatus>, source: &'static str) -> Self {
         Applier {
+            store: StoreWriter::new(EntityStore::with_max_depth(engine.max_hierarchy_depth())),
             engine,
             status,
             source,
-            store: StoreWriter::default(),
             position: None,
         }
     }
@@ -365,9 +365,11 @@ impl Applier {
     ) -> Result<(), BuildError> {
         let previous = self.position.is_some().then(|| self.store.store().clone());
         let started = std::time::Instant::now();
-        let listing = tokio::task::spawn_blocking(move || Listing::build(rows, previous))
-            .await
-            .map_err(|error| BuildError(error.to_string()))?;
+        let max_depth = self.engine.max_hierarchy_depth();
+        let listing =
+            tokio::task::spawn_blocking(move || Listing::build(rows, previous, max_depth))
+                .await
+                .map_err(|error| BuildError(error.to_string()))?;
         for rejected in &listing.rejected {
             self.reject_row(&rejected.uid, &rejected.error);
         }
@@ -586,7 +588,7 @@ struct Listing {
 }
 
 impl Listing {
-    fn build(rows: Vec<MappedRow>, previous: Option<Arc<EntityStore>>) -> Listing {
+    fn build(rows: Vec<MappedRow>, previous: Option<Arc<EntityStore>>, max_depth: u32) -> Listing {
         let mut rejected = Vec::new();
         // std collects this in place when the layouts allow it, reusing
         // the rows' allocation.
@@ -596,7 +598,8 @@ impl Listing {
             .collect();
         // Unchanged entities keep their stored version, so prepared slices
         // of them stay valid across a reconciliation.
-        let (store, refused) = EntityStore::from_entities_reusing(good, previous.as_deref());
+        let (store, refused) =
+            EntityStore::from_entities_reusing(good, previous.as_deref(), max_depth);
         let drift = previous.map(|previous| drift(&previous, &store));
         Listing {
             store: StoreWriter::with_spare(store),

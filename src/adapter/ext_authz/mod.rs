@@ -187,6 +187,7 @@ impl ExtAuthzService {
                     elapsed: std::time::Duration::ZERO,
                     cached: false,
                     slice: crate::engine::SliceUse::None,
+                    request_entities: Vec::new(),
                 }
             }
         };

@@ -1,0 +1,358 @@
+//! A request's own entities (`entities_json`): bounded and measured before
+//! Cedar parses them, then combined with the stored data as the operator
+//! chose (`request_entities`).
+//!
+//! Why a choice and not a merge: the stored data is the identity store's
+//! word on who a user is. A caller that could replace it could give itself
+//! a role, un-suspend a user or move a user to another tenant (each of these
+//! turned a deny into an allow before `add` became the default).
+
+use cedar_policy::{Entities, Entity, EntityUid, Schema};
+use serde_json::Value;
+
+use super::error::{RequestError, RequestField};
+use super::hierarchy;
+use super::snapshot::{EntityData, PolicySnapshot};
+
+/// The default of `max_request_entities`.
+pub const DEFAULT_MAX_REQUEST_ENTITIES: usize = 1_000;
+
+/// How a request's entities combine with the stored ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RequestEntitiesMode {
+    /// A request may add entities the store does not hold (a resource the
+    /// caller describes, a context entity). It may not describe a stored
+    /// entity, an action, or the request's principal, and an entity it adds
+    /// may not be a parent of a stored entity. The default.
+    #[default]
+    Add,
+    /// A request's copy of a stored entity only adds the attributes the
+    /// stored one lacks, and adds its parents to the stored parents (the
+    /// adapters' fill-in merge). Actions stay the schema's.
+    Merge,
+    /// A request's copy replaces the stored one for this decision: for
+    /// deployments with no identity store, where the caller is the source.
+    Replace,
+}
+
+impl RequestEntitiesMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestEntitiesMode::Add => "add",
+            RequestEntitiesMode::Merge => "merge",
+            RequestEntitiesMode::Replace => "replace",
+        }
+    }
+}
+
+impl std::str::FromStr for RequestEntitiesMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "add" => Ok(RequestEntitiesMode::Add),
+            "merge" => Ok(RequestEntitiesMode::Merge),
+            "replace" => Ok(RequestEntitiesMode::Replace),
+            other => Err(format!(
+                "`{other}` is not a request entities mode; expected `add`, `merge` or `replace`"
+            )),
+        }
+    }
+}
+
+/// What one request may carry, and how deep any hierarchy may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Entities in one request's `entities_json`.
+    pub max_request_entities: usize,
+    /// The longest chain of parents any entity may have, wherever it comes
+    /// from (request, entities file, identity store).
+    pub max_hierarchy_depth: u32,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_request_entities: DEFAULT_MAX_REQUEST_ENTITIES,
+            max_hierarchy_depth: hierarchy::DEFAULT_MAX_HIERARCHY_DEPTH,
+        }
+    }
+}
+
+/// Parses `entities_json` within `limits`: counted and its hierarchy
+/// measured on the JSON, before Cedar computes anything over it. Returns
+/// the entities and the uids the request supplied, in its order.
+pub(crate) fn parse(
+    json: &str,
+    schema: Option<&Schema>,
+    limits: &RequestLimits,
+) -> Result<(Entities, Vec<EntityUid>), RequestError> {
+    let value: Value = serde_json::from_str(json)
+        .map_err(|error| RequestError::invalid_because(RequestField::Entities, &error))?;
+    let items = value.as_array().ok_or_else(|| {
+        RequestError::invalid(RequestField::Entities, "must be a JSON array of entities")
+    })?;
+    if items.len() > limits.max_request_entities {
+        return Err(RequestError::invalid(
+            RequestField::Entities,
+            format!(
+                "holds {} entities; at most {} are allowed (`max_request_entities`)",
+                items.len(),
+                limits.max_request_entities
+            ),
+        ));
+    }
+    let (nodes, parents) =
+        graph(items).map_err(|message| RequestError::invalid(RequestField::Entities, message))?;
+    hierarchy::check(
+        &nodes,
+        |at| parents[at].iter(),
+        |_| 0,
+        limits.max_hierarchy_depth,
+    )
+    .map_err(|error| RequestError::invalid(RequestField::Entities, error))?;
+    let entities = Entities::from_json_value(value, schema)
+        .map_err(|error| RequestError::invalid_because(RequestField::Entities, &error))?;
+    Ok((entities, nodes))
+}
+
+/// Every entity's uid and parents, as written in a Cedar entities JSON
+/// array. A uid or parent in a form this does not read is refused rather
+/// than left unmeasured.
+pub(crate) fn graph(items: &[Value]) -> Result<(Vec<EntityUid>, Vec<Vec<EntityUid>>), String> {
+    let mut nodes = Vec::with_capacity(items.len());
+    let mut parents = Vec::with_capacity(items.len());
+    for (at, item) in items.iter().enumerate() {
+        let uid = item.get("uid").and_then(json_uid).ok_or_else(|| {
+            format!("entity [{at}]: `uid` must be {{\"type\": ..., \"id\": ...}}")
+        })?;
+        let listed = match item.get("parents") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(listed)) => listed
+                .iter()
+                .enumerate()
+                .map(|(index, parent)| {
+                    json_uid(parent).ok_or_else(|| {
+                        format!(
+                            "entity [{at}] `{uid}`: `parents[{index}]` must be {{\"type\": ..., \"id\": ...}}"
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(format!("entity [{at}] `{uid}`: `parents` must be an array")),
+        };
+        nodes.push(uid);
+        parents.push(listed);
+    }
+    Ok((nodes, parents))
+}
+
+/// A uid in any of the forms Cedar's entity JSON takes:
+/// `{"type": T, "id": I}`, `{"__entity": {...}}`, or `"T::\"I\""`.
+fn json_uid(value: &Value) -> Option<EntityUid> {
+    match value {
+        Value::Object(fields) => {
+            if let Some(inner) = fields.get("__entity") {
+                return json_uid(inner);
+            }
+            let type_name = fields.get("type")?.as_str()?.parse().ok()?;
+            let id = fields.get("id")?.as_str()?;
+            Some(EntityUid::from_type_name_and_id(
+                type_name,
+                cedar_policy::EntityId::new(id),
+            ))
+        }
+        Value::String(text) => text.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The request's entities combined with the stored data as `mode` says.
+/// `supplied` are the uids the request wrote (Cedar adds the schema's
+/// action entities to what it parses: those are not the request's).
+pub(crate) fn apply_mode(
+    mode: RequestEntitiesMode,
+    overlay: Entities,
+    supplied: &[EntityUid],
+    data: &EntityData,
+    policies: &PolicySnapshot,
+    principal: &EntityUid,
+    schema: Option<&Schema>,
+) -> Result<Entities, RequestError> {
+    match mode {
+        RequestEntitiesMode::Replace => Ok(overlay),
+        RequestEntitiesMode::Add => {
+            for uid in supplied {
+                if policies.is_action(uid) {
+                    return Err(refused(uid, "is an action; actions come from the schema"));
+                }
+                if uid == principal {
+                    return Err(refused(
+                        uid,
+                        "is the request's principal, which comes from the identity store",
+                    ));
+                }
+                if data.contains(uid) {
+                    return Err(refused(uid, "is held by the identity store"));
+                }
+            }
+            Ok(overlay)
+        }
+        RequestEntitiesMode::Merge => {
+            if let Some(action) = supplied.iter().find(|uid| policies.is_action(uid)) {
+                return Err(RequestError::invalid(
+                    RequestField::Entities,
+                    format!("entity `{action}` is an action; actions come from the schema"),
+                ));
+            }
+            let mut merged = Vec::with_capacity(overlay.len());
+            for entity in overlay.iter() {
+                let uid = entity.uid();
+                let stored = if supplied.contains(&uid) {
+                    data.get(&uid).map_err(|error| {
+                        RequestError::Internal(format!("stored entity `{uid}`: {error}"))
+                    })?
+                } else {
+                    None
+                };
+                merged.push(match stored {
+                    Some(stored) => fill_in(&stored, entity, schema)?,
+                    None => entity.clone(),
+                });
+            }
+            Entities::from_entities(merged, None)
+                .map_err(|error| RequestError::invalid(RequestField::Entities, error))
+        }
+    }
+}
+
+fn refused(uid: &EntityUid, why: &str) -> RequestError {
+    RequestError::invalid(
+        RequestField::Entities,
+        format!(
+            "entity `{uid}` {why}: a request may only add entities the store does not hold (`request_entities = \"add\"`)"
+        ),
+    )
+}
+
+/// The stored entity with the attributes and tags it lacks taken from the
+/// request's copy, and the request's parents added to its own.
+fn fill_in(
+    stored: &Entity,
+    request: &Entity,
+    schema: Option<&Schema>,
+) -> Result<Entity, RequestError> {
+    let uid = stored.uid();
+    let as_json = |entity: &Entity| {
+        entity.to_json_value().map_err(|error| {
+            RequestError::invalid(RequestField::Entities, format!("entity `{uid}`: {error}"))
+        })
+    };
+    let mut merged = as_json(stored)?;
+    let request = as_json(request)?;
+    for (field, fill) in [("attrs", true), ("tags", true), ("parents", false)] {
+        let Some(given) = request.get(field) else {
+            continue;
+        };
+        let Some(object) = merged.as_object_mut() else {
+            continue;
+        };
+        let target = object.entry(field).or_insert_with(|| given.clone());
+        match (target, given, fill) {
+            (Value::Object(have), Value::Object(given), true) => {
+                for (name, value) in given {
+                    have.entry(name.clone()).or_insert_with(|| value.clone());
+                }
+            }
+            (Value::Array(have), Value::Array(given), false) => {
+                for parent in given {
+                    if !have.contains(parent) {
+                        have.push(parent.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Entity::from_json_value(merged, schema).map_err(|error| {
+        RequestError::invalid(
+            RequestField::Entities,
+            format!("entity `{uid}` with request data: {error}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: usize) -> String {
+        let items: Vec<Value> = (0..n)
+            .map(|i| {
+                let parents = if i + 1 < n {
+                    serde_json::json!([{"type": "G", "id": format!("g{}", i + 1)}])
+                } else {
+                    serde_json::json!([])
+                };
+                serde_json::json!({"uid": {"type": "G", "id": format!("g{i}")}, "attrs": {}, "parents": parents})
+            })
+            .collect();
+        Value::Array(items).to_string()
+    }
+
+    #[test]
+    fn long_chains_are_refused_before_cedar_sees_them() {
+        let limits = RequestLimits {
+            max_request_entities: 100_000,
+            max_hierarchy_depth: 32,
+        };
+        assert!(parse(&chain(33), None, &limits).is_ok());
+        for n in [34, 4_000, 30_000] {
+            let error = parse(&chain(n), None, &limits).unwrap_err().to_string();
+            assert!(
+                error.contains("`max_hierarchy_depth` is 32"),
+                "{n}: {error}"
+            );
+            assert!(error.contains("`entities_json`"), "{error}");
+        }
+    }
+
+    #[test]
+    fn too_many_entities_are_refused_by_count() {
+        let limits = RequestLimits {
+            max_request_entities: 10,
+            max_hierarchy_depth: 32,
+        };
+        let error = parse(&chain(11), None, &limits).unwrap_err().to_string();
+        assert!(error.contains("holds 11 entities; at most 10"), "{error}");
+    }
+
+    #[test]
+    fn every_uid_form_is_read_and_others_are_refused() {
+        let items: Vec<Value> = serde_json::from_str(
+            r#"[{"uid": {"__entity": {"type": "G", "id": "a"}}, "parents": ["G::\"b\""]},
+                {"uid": "G::\"b\"", "parents": [{"type": "G", "id": "c"}]}]"#,
+        )
+        .unwrap();
+        let (nodes, parents) = graph(&items).unwrap();
+        assert_eq!(nodes[0].to_string(), r#"G::"a""#);
+        assert_eq!(parents[0][0].to_string(), r#"G::"b""#);
+        assert_eq!(parents[1][0].to_string(), r#"G::"c""#);
+        let odd: Vec<Value> =
+            serde_json::from_str(r#"[{"uid": {"type": "G"}, "parents": []}]"#).unwrap();
+        assert!(graph(&odd).unwrap_err().contains("entity [0]"));
+        let odd: Vec<Value> =
+            serde_json::from_str(r#"[{"uid": {"type": "G", "id": "a"}, "parents": [7]}]"#).unwrap();
+        assert!(graph(&odd).unwrap_err().contains("`parents[0]`"));
+    }
+
+    #[test]
+    fn cycles_are_refused() {
+        let json = r#"[{"uid": {"type": "G", "id": "a"}, "attrs": {}, "parents": [{"type": "G", "id": "b"}]},
+                       {"uid": {"type": "G", "id": "b"}, "attrs": {}, "parents": [{"type": "G", "id": "a"}]}]"#;
+        let error = parse(json, None, &RequestLimits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cycle"), "{error}");
+    }
+}
