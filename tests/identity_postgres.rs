@@ -826,3 +826,64 @@ async fn slice_cache_follows_a_group_of_10k_members() {
     server.stop().await.unwrap();
     db.drop().await;
 }
+
+/// Group nesting 10,000 deep: the store keeps the groups within
+/// `max_hierarchy_depth` (32) of the top and refuses the rest by name, so
+/// users near the top are decided as before and users below are denied;
+/// a deeper chain written later is refused the same way. Nothing grows
+/// with the chain but the refusals (Cedar's closure over such a chain
+/// recursed once per level and overflowed the stack).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_nesting_ten_thousand_deep_is_refused_below_the_depth_limit() {
+    // n0 is in eng (depth 1), n{i} in n{i-1} (depth i + 1).
+    let seed = format!(
+        "{SEED}
+         INSERT INTO groups SELECT 'n' || i, 'acme', 'N', CASE WHEN i = 0 THEN 'eng' ELSE 'n' || (i - 1) END
+           FROM generate_series(0, 9999) AS i;
+         INSERT INTO users VALUES ('near', 'acme', 'n@acme.test', 'active', '{{}}'),
+                                  ('edge', 'acme', 'e@acme.test', 'active', '{{}}'),
+                                  ('far', 'acme', 'f@acme.test', 'active', '{{}}');
+         INSERT INTO memberships VALUES ('near', 'n20'), ('edge', 'n30'), ('far', 'n9999');"
+    );
+    let db = TestDb::create(&seed).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir, identity(&db.name)).await;
+
+    // near: n20 is 21 deep, near 22; edge: n30 is 31 deep, edge 32.
+    assert!(allowed(&server, "near", "read", "").await);
+    assert!(allowed(&server, "edge", "read", "").await);
+    assert!(!allowed(&server, "far", "read", "").await);
+    assert!(allowed(&server, "bob", "read", "").await);
+    let (_, ready) = server.admin_get("/ready").await;
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    // 2 tenants, 2 roles, eng, backend, n0..n31 (n31 is 32 deep), 3
+    // example users, near, edge.
+    assert_eq!(ready["entities"], 2 + 2 + 2 + 32 + 3 + 2, "{ready}");
+
+    // Changes: a user joining the deepest stored group (n31, 32 deep) would
+    // be 33 deep: refused, not stored.
+    let rev = db
+        .write(
+            "INSERT INTO users VALUES ('deep', 'acme', 'd@acme.test', 'active', '{}');
+             INSERT INTO memberships VALUES ('deep', 'n31');",
+        )
+        .await;
+    assert!(!allowed(&server, "deep", "read", &rev).await);
+    // A new chain of 100 under n10 in one transaction: the part within the
+    // limit syncs, the rest is refused.
+    let rev = db
+        .write(
+            "INSERT INTO groups SELECT 'm' || i, 'acme', 'M', CASE WHEN i = 0 THEN 'n10' ELSE 'm' || (i - 1) END
+               FROM generate_series(0, 99) AS i;
+             INSERT INTO users VALUES ('m-ok', 'acme', 'm@acme.test', 'active', '{}'),
+                                      ('m-no', 'acme', 'o@acme.test', 'active', '{}');
+             INSERT INTO memberships VALUES ('m-ok', 'm5'), ('m-no', 'm99');",
+        )
+        .await;
+    assert!(allowed(&server, "m-ok", "read", &rev).await);
+    assert!(!allowed(&server, "m-no", "read", &rev).await);
+    let (_, metrics) = server.admin_get("/metrics").await;
+    assert!(metrics.contains("reason=\"too_deep\""), "{metrics}");
+    server.stop().await.unwrap();
+    db.drop().await;
+}

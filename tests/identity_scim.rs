@@ -273,3 +273,68 @@ when {{ principal has status && principal.status != "active" }};
 
     server.stop().await.unwrap();
 }
+
+/// Groups nested 10,000 deep in the SCIM server (each group a member of the
+/// one above): the groups within `max_hierarchy_depth` (32) of the top
+/// sync and decide; the rest are refused by name and a user at the bottom
+/// is denied, with the server serving throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_nested_ten_thousand_deep_are_refused_below_the_depth_limit() {
+    const DEPTH: usize = 10_000;
+    let scim = Scim::start().await;
+    let near = scim.create_user("near", "eng").await;
+    let far = scim.create_user("far", "eng").await;
+    // Bottom up: g{i} holds g{i+1}; `near` is in g5 (6 ancestors), `far`
+    // in the last group.
+    let mut below = scim
+        .create_group(&format!("g{}", DEPTH - 1), &[(&far, "User")])
+        .await;
+    let mut top = String::new();
+    for i in (0..DEPTH - 1).rev() {
+        let mut members = vec![(below.as_str(), "Group")];
+        if i == 5 {
+            members.push((near.as_str(), "User"));
+        }
+        let id = scim.create_group(&format!("g{i}"), &members).await;
+        below = id.clone();
+        top = id;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies.cedar");
+    std::fs::write(
+        &policies,
+        format!(
+            r#"@id("top-read")
+permit (principal in Saas::Group::"{top}", action == Saas::Action::"read", resource);
+"#
+        ),
+    )
+    .unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let mut config = config(Sources {
+        policies: Some(policies),
+        schema: None,
+        entities: None,
+    });
+    config.identity = Some(IdentityConfig {
+        scim: Some(ScimConfig {
+            url: scim.url.clone(),
+            token_file: Some(token_file),
+            poll_interval_ms: Some(500),
+            reconcile_interval_secs: Some(3600),
+            ..ScimConfig::default()
+        }),
+        ..IdentityConfig::default()
+    });
+    let server = TestServer::start(config).await;
+    assert!(allowed(&server, &near, "read").await);
+    assert!(!allowed(&server, &far, "read").await);
+    let (_, ready) = server.admin_get("/ready").await;
+    let ready: Value = serde_json::from_str(&ready).unwrap();
+    // g0 .. g32 (g32 has 32 ancestors) and near; far and g33.. refused.
+    assert_eq!(ready["entities"], 33 + 1, "{ready}");
+    let (_, metrics) = server.admin_get("/metrics").await;
+    assert!(metrics.contains("reason=\"too_deep\""), "{metrics}");
+    server.stop().await.unwrap();
+}

@@ -42,6 +42,11 @@ pub struct SourceArgs {
     /// Do not require policies to pass strict validation against the schema.
     #[arg(long)]
     pub no_validate: bool,
+    /// The longest chain of parents an entity may have, as `serve` takes it
+    /// [default: 32, at most 256].
+    #[arg(long, env = "ARBITER_MAX_HIERARCHY_DEPTH", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=crate::engine::MAX_HIERARCHY_DEPTH_CEILING as i64))]
+    pub max_hierarchy_depth: Option<u32>,
 }
 
 impl SourceArgs {
@@ -61,6 +66,12 @@ impl SourceArgs {
             // One-shot commands gain nothing from remembering answers.
             decision_cache_capacity: 0,
             slice_cache_capacity: 0,
+            limits: crate::engine::RequestLimits {
+                max_hierarchy_depth: self
+                    .max_hierarchy_depth
+                    .unwrap_or(crate::engine::DEFAULT_MAX_HIERARCHY_DEPTH),
+                ..crate::engine::RequestLimits::default()
+            },
             ..crate::engine::LoadOptions::default()
         }
     }
