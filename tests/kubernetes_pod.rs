@@ -238,10 +238,14 @@ impl Pod {
             .iter()
             .map(|a| self.remap(a.as_str().unwrap()))
             .collect();
+        // Where the image has it; the build's own path may sit under a
+        // directory other uids cannot enter (a clone in /root).
+        let binary = self.root.path().join("usr/local/bin/arbiter");
+        place_executable(Path::new(env!("CARGO_BIN_EXE_arbiter")), &binary);
         let mut command = Command::new("setpriv");
         command
             .args(as_user(uid, gid, &[self.fs_group]))
-            .arg(env!("CARGO_BIN_EXE_arbiter"))
+            .arg(&binary)
             .args(&args)
             .env_clear()
             .current_dir("/")
@@ -299,6 +303,26 @@ fn as_user(uid: u64, gid: u64, groups: &[u32]) -> Vec<String> {
         "--bounding-set=-all".into(),
         "--".into(),
     ]
+}
+
+/// Puts an executable where any uid can run it: a hard link, or a copy
+/// across file systems.
+fn place_executable(from: &Path, to: &Path) {
+    if to.exists() {
+        return;
+    }
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).unwrap();
+    }
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut dir = to.parent();
+    while let Some(d) =
+        dir.filter(|d| d.starts_with(std::env::temp_dir()) && *d != std::env::temp_dir())
+    {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir = d.parent();
+    }
 }
 
 /// The kubelet's AtomicWriter: the files in `..<timestamp>/`, `..data`
@@ -749,9 +773,18 @@ async fn sidecar_pod_runs_as_the_kubelet_would_run_it() {
 /// this binary again, as `uds_client_child`). Returns (connected and
 /// answered, its output).
 fn client_as(uid: u64, gid: u64, groups: &[u32], socket: &Path) -> (bool, String) {
+    let exe = std::env::current_exe().unwrap();
+    let client = socket
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("test-client")
+        .join(exe.file_name().unwrap());
+    place_executable(&exe, &client);
     let output = Command::new("setpriv")
         .args(as_user(uid, gid, groups))
-        .arg(std::env::current_exe().unwrap())
+        .arg(&client)
         .args(["--exact", "uds_client_child", "--ignored", "--nocapture"])
         .env("ARBITER_K8S_TEST_SOCKET", socket)
         .output()
