@@ -277,7 +277,11 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let grpc_stop = wait_for_stop(stop_rx.clone());
         let mut authorizer = AuthorizerService::new(engine.clone(), decision_metrics.clone())
-            .with_decision_log(decision_log.logger());
+            .with_decision_log(decision_log.logger())
+            .with_heavy_pool(crate::adapter::heavy::HeavyPool::new(
+                config.load.limits.heavy_workers,
+                config.load.limits.heavy_queue,
+            ));
         if let (Some(identity), Some(status)) = (&identity, &sync_status) {
             authorizer = authorizer.with_identity(status.clone(), identity.revision_wait());
         }

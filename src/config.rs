@@ -13,8 +13,10 @@ use crate::app::{ServeConfig, TlsConfig, UdsConfig};
 use crate::decision_log::DecisionLogConfig;
 use crate::engine::loader::{DEFAULT_DECISION_CACHE_CAPACITY, DEFAULT_SLICE_CACHE_CAPACITY};
 use crate::engine::{
-    DEFAULT_MAX_HIERARCHY_DEPTH, DEFAULT_MAX_REQUEST_ENTITIES, LoadOptions,
-    MAX_HIERARCHY_DEPTH_CEILING, OnEvaluationError, RequestEntitiesMode, RequestLimits, Sources,
+    DEFAULT_HEAVY_QUEUE, DEFAULT_MAX_HIERARCHY_DEPTH, DEFAULT_MAX_REQUEST_ANCESTORS,
+    DEFAULT_MAX_REQUEST_ENTITIES, LoadOptions, MAX_HIERARCHY_DEPTH_CEILING,
+    MAX_REQUEST_ENTITIES_CEILING, OnEvaluationError, RequestEntitiesMode, RequestLimits, Sources,
+    default_heavy_workers,
 };
 use crate::identity::IdentityConfig;
 
@@ -96,6 +98,17 @@ pub struct ServeArgs {
     /// (request, entities file, identity store) [default: 32, at most 256].
     #[arg(long, env = "ARBITER_MAX_HIERARCHY_DEPTH", value_name = "N")]
     pub max_hierarchy_depth: Option<u32>,
+    /// (entity, ancestor) pairs among one request's entities [default: 10000].
+    #[arg(long, env = "ARBITER_MAX_REQUEST_ANCESTORS", value_name = "N")]
+    pub max_request_ancestors: Option<usize>,
+    /// Threads that decide requests carrying their own entities
+    /// [default: half the cores, at least 1].
+    #[arg(long, env = "ARBITER_HEAVY_WORKERS", value_name = "N")]
+    pub heavy_workers: Option<usize>,
+    /// Such requests that may wait for a thread; more are answered
+    /// RESOURCE_EXHAUSTED [default: 64].
+    #[arg(long, env = "ARBITER_HEAVY_QUEUE", value_name = "N")]
+    pub heavy_queue: Option<usize>,
 }
 
 /// `[limits]` in the config file.
@@ -104,6 +117,9 @@ pub struct ServeArgs {
 pub struct LimitsFile {
     pub max_request_entities: Option<usize>,
     pub max_hierarchy_depth: Option<u32>,
+    pub max_request_ancestors: Option<usize>,
+    pub heavy_workers: Option<usize>,
+    pub heavy_queue: Option<usize>,
 }
 
 /// `[tls]` in the config file.
@@ -257,10 +273,36 @@ impl ServeArgs {
                 .max_hierarchy_depth
                 .or(limits_file.max_hierarchy_depth)
                 .unwrap_or(DEFAULT_MAX_HIERARCHY_DEPTH),
+            max_request_ancestors: self
+                .max_request_ancestors
+                .or(limits_file.max_request_ancestors)
+                .unwrap_or(DEFAULT_MAX_REQUEST_ANCESTORS),
+            heavy_workers: self
+                .heavy_workers
+                .or(limits_file.heavy_workers)
+                .unwrap_or_else(default_heavy_workers),
+            heavy_queue: self
+                .heavy_queue
+                .or(limits_file.heavy_queue)
+                .unwrap_or(DEFAULT_HEAVY_QUEUE),
         };
+        if limits.heavy_workers == 0 {
+            return Err(ConfigError::Zero {
+                key: "heavy_workers",
+            });
+        }
         if limits.max_request_entities == 0 {
             return Err(ConfigError::Zero {
                 key: "max_request_entities",
+            });
+        }
+        if limits.max_request_entities > MAX_REQUEST_ENTITIES_CEILING {
+            return Err(ConfigError::Invalid {
+                key: "max_request_entities",
+                message: format!(
+                    "{} is more than {MAX_REQUEST_ENTITIES_CEILING}",
+                    limits.max_request_entities
+                ),
             });
         }
         if limits.max_hierarchy_depth > MAX_HIERARCHY_DEPTH_CEILING {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
+use super::heavy::HeavyPool;
 use super::status;
 use crate::decision_log::{Caller, DecisionEvent, DecisionLogger, Transport, Uid};
 use crate::engine::{CheckInput, Decision, Engine, UidInput};
@@ -27,6 +28,8 @@ pub struct AuthorizerService {
     metrics: Arc<DecisionMetrics>,
     log: DecisionLogger,
     identity: Option<(Arc<SyncStatus>, Duration)>,
+    /// Where requests with their own entities are decided.
+    heavy: HeavyPool,
 }
 
 impl AuthorizerService {
@@ -37,7 +40,17 @@ impl AuthorizerService {
             metrics,
             log: DecisionLogger::disabled(),
             identity: None,
+            heavy: HeavyPool::new(
+                crate::engine::default_heavy_workers(),
+                crate::engine::DEFAULT_HEAVY_QUEUE,
+            ),
         }
+    }
+
+    /// Requests with their own entities are decided on `pool`.
+    pub fn with_heavy_pool(mut self, pool: HeavyPool) -> Self {
+        self.heavy = pool;
+        self
     }
 
     pub fn with_decision_log(mut self, log: DecisionLogger) -> Self {
@@ -195,7 +208,19 @@ impl Authorizer for AuthorizerService {
         self.wait_for_revision(min).await?;
         let facts = call_facts(&self.log, &request);
         let request = request.into_inner();
-        match self.engine.check(&input(&request)) {
+        let (request, outcome) = if request.entities_json.is_empty() {
+            let outcome = self.engine.check(&input(&request));
+            (request, outcome)
+        } else {
+            let engine = self.engine.clone();
+            self.heavy
+                .run(move || {
+                    let outcome = engine.check(&input(&request));
+                    (request, outcome)
+                })
+                .await?
+        };
+        match outcome {
             Ok(decision) => {
                 self.metrics.record(&decision);
                 let answer = response(&decision, self.stale());
@@ -229,9 +254,22 @@ impl Authorizer for AuthorizerService {
         let min = min_revision(&checks)?;
         self.wait_for_revision(min).await?;
         let stale = self.stale();
-        let inputs: Vec<CheckInput<'_>> = checks.iter().map(input).collect();
-        let outcome = self.engine.check_all(&inputs);
-        drop(inputs);
+        let decide = |engine: &Engine, checks: &[pb::CheckRequest]| {
+            let inputs: Vec<CheckInput<'_>> = checks.iter().map(input).collect();
+            engine.check_all(&inputs)
+        };
+        let (checks, outcome) = if checks.iter().all(|check| check.entities_json.is_empty()) {
+            let outcome = decide(&self.engine, &checks);
+            (checks, outcome)
+        } else {
+            let engine = self.engine.clone();
+            self.heavy
+                .run(move || {
+                    let outcome = decide(&engine, &checks);
+                    (checks, outcome)
+                })
+                .await?
+        };
         match outcome {
             Ok(decisions) => {
                 let results = decisions

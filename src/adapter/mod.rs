@@ -8,4 +8,5 @@ pub mod caller;
 pub mod connection;
 pub mod decision_log;
 pub mod ext_authz;
+pub mod heavy;
 pub mod status;

@@ -106,6 +106,84 @@ where
     Ok(())
 }
 
+/// Refuses a hierarchy whose closure has more than `max_links` (entity,
+/// ancestor) pairs among `nodes`: the closure Cedar builds, and what its
+/// work and memory grow with (a chain within the depth limit is cheap; a
+/// thousand entities in 32 layers, each the child of a whole layer, had half
+/// a million pairs and took seconds). Call it on a hierarchy [`check`]
+/// accepted (no cycles). One bit per pair while it counts: `nodes` is a
+/// request's entities, bounded by `max_request_entities`.
+pub fn check_closure<'a, K, P>(
+    nodes: &'a [K],
+    parents: impl Fn(usize) -> P,
+    max_links: usize,
+) -> Result<(), ClosureTooLarge>
+where
+    K: Eq + Hash + 'a,
+    P: Iterator<Item = &'a K>,
+{
+    let n = nodes.len();
+    let words = n.div_ceil(64);
+    let index: HashMap<&K, usize> = nodes.iter().enumerate().map(|(at, k)| (k, at)).collect();
+    let direct: Vec<Vec<usize>> = (0..n)
+        .map(|at| parents(at).filter_map(|p| index.get(p).copied()).collect())
+        .collect();
+    // Parents before children: a post-order walk up from each node.
+    let mut order = Vec::with_capacity(n);
+    let mut seen = vec![false; n];
+    let mut stack: Vec<(usize, usize)> = Vec::new();
+    for root in 0..n {
+        if seen[root] {
+            continue;
+        }
+        seen[root] = true;
+        stack.push((root, 0));
+        while let Some((at, next)) = stack.last_mut() {
+            let node = *at;
+            if let Some(&parent) = direct[node].get(*next) {
+                *next += 1;
+                if !seen[parent] {
+                    seen[parent] = true;
+                    stack.push((parent, 0));
+                }
+            } else {
+                order.push(node);
+                stack.pop();
+            }
+        }
+    }
+    let mut bits = vec![0u64; n * words];
+    let mut links = 0usize;
+    for node in order {
+        let mut row = vec![0u64; words];
+        for &parent in &direct[node] {
+            row[parent / 64] |= 1 << (parent % 64);
+            let from = &bits[parent * words..(parent + 1) * words];
+            for (word, theirs) in row.iter_mut().zip(from) {
+                *word |= theirs;
+            }
+        }
+        links += row
+            .iter()
+            .map(|word| word.count_ones() as usize)
+            .sum::<usize>();
+        if links > max_links {
+            return Err(ClosureTooLarge { max: max_links });
+        }
+        bits[node * words..(node + 1) * words].copy_from_slice(&row);
+    }
+    Ok(())
+}
+
+/// A hierarchy whose closure is larger than allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the hierarchy has more than {max} (entity, ancestor) pairs (`max_request_ancestors` is {max})"
+)]
+pub struct ClosureTooLarge {
+    pub max: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +252,27 @@ mod tests {
             Ok(())
         );
         assert!(check(&nodes, |at| parents[at].iter(), depth_of_stored, 31).is_err());
+    }
+
+    #[test]
+    fn the_closure_is_counted_pair_by_pair() {
+        // d -> b, d -> c -> a: d has 3 ancestors, c 1: 4 pairs.
+        let nodes: Vec<String> = ["d", "c", "b", "a"].map(String::from).to_vec();
+        let parents: Vec<Vec<String>> = vec![
+            vec!["b".into(), "c".into()],
+            vec!["a".into()],
+            vec![],
+            vec![],
+        ];
+        assert_eq!(check_closure(&nodes, |at| parents[at].iter(), 4), Ok(()));
+        assert_eq!(
+            check_closure(&nodes, |at| parents[at].iter(), 3),
+            Err(ClosureTooLarge { max: 3 })
+        );
+        // A chain of 100 has 99 + 98 + ... + 1 pairs.
+        let (nodes, parents) = chain(100);
+        assert_eq!(check_closure(&nodes, |at| parents[at].iter(), 4950), Ok(()));
+        assert!(check_closure(&nodes, |at| parents[at].iter(), 4949).is_err());
     }
 
     #[test]

@@ -31,7 +31,10 @@ pub use error::{LoadDiagnostic, LoadError, RequestError, RequestField};
 pub use hierarchy::{DEFAULT_MAX_HIERARCHY_DEPTH, MAX_HIERARCHY_DEPTH_CEILING};
 pub use loader::{LoadOptions, LoadReport, OnEvaluationError, Sources};
 pub use request_entities::{EntityMerge, EntityRef, RequestEntities, SealedMerge};
-pub use request_overlay::{DEFAULT_MAX_REQUEST_ENTITIES, RequestEntitiesMode, RequestLimits};
+pub use request_overlay::{
+    DEFAULT_HEAVY_QUEUE, DEFAULT_MAX_REQUEST_ANCESTORS, DEFAULT_MAX_REQUEST_ENTITIES,
+    MAX_REQUEST_ENTITIES_CEILING, RequestEntitiesMode, RequestLimits, default_heavy_workers,
+};
 pub use snapshot::{EntityData, PolicySnapshot, Snapshot};
 
 use snapshot::collect_uids;

@@ -68,6 +68,31 @@ pub struct RequestLimits {
     /// The longest chain of parents any entity may have, wherever it comes
     /// from (request, entities file, identity store).
     pub max_hierarchy_depth: u32,
+    /// (entity, ancestor) pairs among one request's entities: the size of
+    /// the closure Cedar computes over them.
+    pub max_request_ancestors: usize,
+    /// Threads that decide requests carrying their own entities (the
+    /// adapters' bounded pool; the engine itself runs where it is called).
+    pub heavy_workers: usize,
+    /// Such requests that may wait for one of those threads; more are shed.
+    pub heavy_queue: usize,
+}
+
+/// The default of `max_request_ancestors`: a thousand resources, each in
+/// a folder path ten deep, fit.
+pub const DEFAULT_MAX_REQUEST_ANCESTORS: usize = 10_000;
+
+/// The most `max_request_entities` may be set to: the closure count takes
+/// a bit per pair of a request's entities (12.5 MB at this ceiling).
+pub const MAX_REQUEST_ENTITIES_CEILING: usize = 10_000;
+
+/// The default of `heavy_queue`.
+pub const DEFAULT_HEAVY_QUEUE: usize = 64;
+
+/// The default of `heavy_workers`: half the cores (at least one), so that
+/// heavy requests leave the other half to ordinary ones.
+pub fn default_heavy_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 2).max(1))
 }
 
 impl Default for RequestLimits {
@@ -75,6 +100,9 @@ impl Default for RequestLimits {
         RequestLimits {
             max_request_entities: DEFAULT_MAX_REQUEST_ENTITIES,
             max_hierarchy_depth: hierarchy::DEFAULT_MAX_HIERARCHY_DEPTH,
+            max_request_ancestors: DEFAULT_MAX_REQUEST_ANCESTORS,
+            heavy_workers: default_heavy_workers(),
+            heavy_queue: DEFAULT_HEAVY_QUEUE,
         }
     }
 }
@@ -109,6 +137,12 @@ pub(crate) fn parse(
         |at| parents[at].iter(),
         |_| 0,
         limits.max_hierarchy_depth,
+    )
+    .map_err(|error| RequestError::invalid(RequestField::Entities, error))?;
+    hierarchy::check_closure(
+        &nodes,
+        |at| parents[at].iter(),
+        limits.max_request_ancestors,
     )
     .map_err(|error| RequestError::invalid(RequestField::Entities, error))?;
     let entities = Entities::from_json_value(value, schema)
@@ -305,6 +339,7 @@ mod tests {
         let limits = RequestLimits {
             max_request_entities: 100_000,
             max_hierarchy_depth: 32,
+            ..RequestLimits::default()
         };
         assert!(parse(&chain(33), None, &limits).is_ok());
         for n in [34, 4_000, 30_000] {
@@ -318,10 +353,39 @@ mod tests {
     }
 
     #[test]
+    fn a_wide_closure_is_refused_within_the_depth_limit() {
+        // 4 layers of 10, each a child of the whole layer above: 10 * (30 +
+        // 20 + 10) = 600 pairs.
+        let items: Vec<Value> = (0..4)
+            .flat_map(|layer| {
+                (0..10).map(move |i| {
+                    let parents: Vec<Value> = if layer < 3 {
+                        (0..10)
+                            .map(|j| serde_json::json!({"type": "G", "id": format!("{}-{j}", layer + 1)}))
+                            .collect()
+                    } else {
+                        vec![]
+                    };
+                    serde_json::json!({"uid": {"type": "G", "id": format!("{layer}-{i}")}, "attrs": {}, "parents": parents})
+                })
+            })
+            .collect();
+        let json = Value::Array(items).to_string();
+        let limits = |max| RequestLimits {
+            max_request_ancestors: max,
+            ..RequestLimits::default()
+        };
+        assert!(parse(&json, None, &limits(600)).is_ok());
+        let error = parse(&json, None, &limits(599)).unwrap_err().to_string();
+        assert!(error.contains("`max_request_ancestors` is 599"), "{error}");
+    }
+
+    #[test]
     fn too_many_entities_are_refused_by_count() {
         let limits = RequestLimits {
             max_request_entities: 10,
             max_hierarchy_depth: 32,
+            ..RequestLimits::default()
         };
         let error = parse(&chain(11), None, &limits).unwrap_err().to_string();
         assert!(error.contains("holds 11 entities; at most 10"), "{error}");
