@@ -69,7 +69,8 @@ async fn evaluation_errors_fail_closed_and_are_reported() {
     let mut client = server.client().await;
     // `ghost` is not in the store: every policy that reads `principal.tenant`
     // errors, the guardrail forbids included. Cedar alone would skip them and
-    // let `public-documents-readable` allow; Arbiter fails closed.
+    // let `public-documents-readable` allow; by default (`skip-permit`) an
+    // erroring forbid denies.
     let response = client
         .check(saas("ghost", "read", "Document", "acme-handbook"))
         .await

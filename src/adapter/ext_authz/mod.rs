@@ -10,7 +10,8 @@
 //! Invariants:
 //! - fail closed: a mapping failure, a missing or invalid credential, an
 //!   unmatched route (unless `unmatched = "allow"`), a malformed Cedar request
-//!   and any evaluation error all deny; a well-formed `CheckRequest` never
+//!   and an evaluation error that `on_evaluation_error` turns into a deny (by
+//!   default an erroring forbid) all deny; a well-formed `CheckRequest` never
 //!   gets a gRPC error, always an HTTP answer for Envoy to send;
 //! - deny bodies carry the decision id and a fixed reason word, never
 //!   internal details (those go to the debug log with the decision id);
