@@ -24,7 +24,12 @@
 //! errors unchanged): `sampled_corpus_skip_permit_in_process` checks that on
 //! the handwritten tests and the sample, `whole_corpus_skip_permit_in_process`
 //! (ignored) on every test. Which policies are forbids is read from the
-//! policy text with Cedar's parser, not from the engine.
+//! policy text with Cedar's parser, not from the engine. The corpus has no
+//! allow where a policy errored, where the modes differ, so both also run
+//! each test that has erroring policies again with a permit-all policy
+//! added (`check_case_with_permit_all`), against the engine's `skip-policy`
+//! answer with the rule applied (in the sample: 212 such allows, 116 of them
+//! with an erroring forbid).
 
 // Tests fail by panicking.
 #![allow(clippy::panic)]
@@ -963,8 +968,110 @@ fn check_case_in_process(case: &TestCase, mode: OnEvaluationError) -> Tally {
     tally
 }
 
+/// Added to a corpus policy set to make errors matter: with it every request
+/// is allowed unless a forbid is satisfied, or errors where `skip-permit`
+/// denies.
+const PERMIT_ALL: &str = "\n@id(\"arbiter-permit-all\")\npermit (principal, action, resource);\n";
+
+/// `skip-permit` on a corpus test whose requests have erroring policies,
+/// with [`PERMIT_ALL`] added: the corpus alone has no allow where a policy
+/// errored, which is where the modes differ. The reference answer is the
+/// engine's in `skip-policy` (Cedar's semantics, which the corpus checks)
+/// on the same set, with the rule applied; its errors must be the corpus's.
+fn check_case_with_permit_all(case: &TestCase) -> Tally {
+    let mut tally = Tally {
+        files: 1,
+        ..Tally::default()
+    };
+    if case
+        .requests
+        .iter()
+        .all(|request| request.expected.errors.is_empty())
+    {
+        return tally;
+    }
+    let mut inputs: Inputs = match loader::read_inputs(&case.sources) {
+        Ok(inputs) => inputs,
+        Err(error) => {
+            tally.unanswered(case, format!("cannot read: {}", error));
+            return tally;
+        }
+    };
+    let Some(file) = inputs.policy_files.first_mut() else {
+        tally.unanswered(case, "no policy file");
+        return tally;
+    };
+    file.text = format!("{}{PERMIT_ALL}", file.text).into();
+    let build = |mode, validate_requests| {
+        loader::build(&inputs, options_in(mode, false, validate_requests))
+            .map(|(snapshot, _)| snapshot)
+            .map_err(|error| error.to_string())
+    };
+    let snapshots = [true, false].map(|validate_requests| {
+        Ok::<_, String>((
+            build(OnEvaluationError::SkipPolicy, validate_requests)?,
+            build(OnEvaluationError::SkipPermit, validate_requests)?,
+        ))
+    });
+    let [Ok(validated), Ok(unvalidated)] = snapshots else {
+        tally.unanswered(case, "refused with the permit-all policy added");
+        return tally;
+    };
+    let forbids = forbid_ids(case);
+    let engine = Engine::new();
+    for request in &case.requests {
+        let (cedar, skip_permit) = if request.validate_request {
+            &validated
+        } else {
+            &unvalidated
+        };
+        let input = CheckInput {
+            principal: Some(input_uid(&request.principal)),
+            action: Some(input_uid(&request.action)),
+            resource: Some(input_uid(&request.resource)),
+            context_json: &request.context_json,
+            entities_json: "",
+        };
+        let ask = |snapshot: &Snapshot| {
+            engine
+                .check_against(snapshot, &input)
+                .map(|decision| Answer {
+                    allow: decision.allowed,
+                    reasons: decision.reasons.into_iter().collect(),
+                    errors: decision.errors.into_iter().map(|e| e.policy_id).collect(),
+                })
+                .map_err(|error| error.to_string())
+        };
+        let cedar = match ask(cedar) {
+            Ok(cedar) => cedar,
+            Err(error) => {
+                tally.answer(case, request, &request.expected, Err(error));
+                continue;
+            }
+        };
+        if cedar.errors != request.expected.errors {
+            tally.mismatch(
+                &case.name,
+                format!("{} (permit-all added): errors", request.description),
+                format!("{:?}", request.expected.errors),
+                format!("{:?}", cedar.errors),
+            );
+        }
+        let expected = expected_in(OnEvaluationError::SkipPermit, &cedar, &forbids);
+        tally.allows_with_errors += usize::from(cedar.allow && !cedar.errors.is_empty());
+        tally.forbid_error_denies += usize::from(expected.allow != cedar.allow);
+        tally.answer(case, request, &expected, ask(skip_permit));
+    }
+    tally
+}
+
 /// Checks `cases` in-process in `mode` on every core.
 fn check_in_process(cases: &[TestCase], mode: OnEvaluationError) -> Tally {
+    check_each(cases, |case| check_case_in_process(case, mode))
+}
+
+/// Runs `check` on each of `cases`, on every core.
+fn check_each(cases: &[TestCase], check: impl Fn(&TestCase) -> Tally + Sync) -> Tally {
     let next = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(2, usize::from);
     std::thread::scope(|scope| {
@@ -973,7 +1080,7 @@ fn check_in_process(cases: &[TestCase], mode: OnEvaluationError) -> Tally {
                 scope.spawn(|| {
                     let mut tally = Tally::default();
                     while let Some(case) = cases.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        tally.merge(check_case_in_process(case, mode));
+                        tally.merge(check(case));
                     }
                     tally
                 })
@@ -1015,6 +1122,20 @@ fn sampled_corpus_skip_permit_in_process() {
         "handwritten + sampled corpus in process, skip-permit",
         started.elapsed(),
     );
+    let started = Instant::now();
+    let tally = check_each(&cases, check_case_with_permit_all);
+    let (allows_with_errors, forbid_denies) = (tally.allows_with_errors, tally.forbid_error_denies);
+    tally.report(
+        "handwritten + sampled corpus in process, permit-all added, skip-permit",
+        started.elapsed(),
+    );
+    // Both cases occur: an erroring permit beside a satisfied one (allow),
+    // and an erroring forbid (deny).
+    assert!(forbid_denies > 0, "no allow with an erroring forbid");
+    assert!(
+        allows_with_errors > forbid_denies,
+        "no allow with only erroring permits"
+    );
 }
 
 #[test]
@@ -1023,13 +1144,21 @@ fn whole_corpus_skip_permit_in_process() {
     let started = Instant::now();
     let (cases, _unpacked) = corpus_cases(None);
     let tally = check_in_process(&cases, OnEvaluationError::SkipPermit);
-    // Allows with an erroring permit are what tells `skip-permit` from
-    // `deny`. The corpus (Cedar 4.10) has no allow with an erroring forbid,
-    // the case that tells it from `skip-policy`: `tests/evaluation_errors.rs`
-    // covers that one.
-    let telling = tally.allows_with_errors;
     tally.report("whole corpus in process, skip-permit", started.elapsed());
-    assert!(telling > 0, "no allow of the corpus has an erroring policy");
+    // The corpus has no allow where a policy errored (where the modes
+    // differ): the same requests again with a permit-all policy added.
+    let started = Instant::now();
+    let tally = check_each(&cases, check_case_with_permit_all);
+    let (allows_with_errors, forbid_denies) = (tally.allows_with_errors, tally.forbid_error_denies);
+    tally.report(
+        "whole corpus in process, permit-all added, skip-permit",
+        started.elapsed(),
+    );
+    assert!(forbid_denies > 0, "no allow with an erroring forbid");
+    assert!(
+        allows_with_errors > forbid_denies,
+        "no allow with only erroring permits"
+    );
 }
 
 #[test]
