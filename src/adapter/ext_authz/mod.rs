@@ -18,6 +18,7 @@
 //! - headers Arbiter adds upstream overwrite any the client sent.
 
 pub mod answer;
+pub mod claims;
 pub mod grpc;
 pub mod jwt;
 pub mod mapping;
@@ -39,7 +40,8 @@ pub use wire::{AddressView, AttributesView, CheckView, Headers, HttpView, WireEr
 use crate::decision_log::{Caller, DecisionEvent, DecisionLogger, LoggedHeaders, Transport, Uid};
 use crate::engine::{CheckInput, Decision, Engine, EntityRef, RequestEntities, UidInput};
 use crate::telemetry::DecisionMetrics;
-use mapping::{ClaimsMapping, PrincipalSource, RequestFacts, Unmatched};
+use claims::ClaimsMapping;
+use mapping::{PrincipalSource, RequestFacts, Unmatched};
 
 /// The gRPC service name, for health checks.
 pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
