@@ -2,6 +2,8 @@
 //! `on_evaluation_error` mode, through the engine in-process. The whole
 //! Cedar corpus checks the same rule in `tests/conformance.rs`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 

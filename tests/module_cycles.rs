@@ -52,11 +52,11 @@ fn module_of(relative: &str) -> Vec<String> {
     parts
 }
 
-fn rust_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
-            rust_files(root, &path, out);
+            rust_files(&path, out);
         } else if path.extension().is_some_and(|ext| ext == "rs") {
             out.push(path);
         }
@@ -211,7 +211,7 @@ fn resolve(
 /// binary's root, is not part of the library).
 fn graph(root: &Path) -> Graph {
     let mut paths = Vec::new();
-    rust_files(root, root, &mut paths);
+    rust_files(root, &mut paths);
     let mut files: Vec<String> = paths
         .iter()
         .map(|path| {
