@@ -2,6 +2,10 @@
 //! - compile `proto/` with protox (a pure-Rust protobuf compiler, so no
 //!   `protoc` is needed on the build machine) and write the file descriptor
 //!   set that gRPC reflection serves;
+//! - write the file descriptor set of Envoy's ext_authz service
+//!   (`envoy.service.auth.v3`), from the `.proto` files the `envoy-types`
+//!   crate ships, so reflection can serve it too when ext_authz is on
+//!   (`envoy-types` exposes the generated types but no descriptor set);
 //! - embed the example in `policies/` so `arbiter serve` with no flags works
 //!   from any directory.
 
@@ -11,6 +15,7 @@ use std::path::{Path, PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     compile_protos(&out_dir)?;
+    compile_envoy_descriptor(&out_dir)?;
     embed_policies(&out_dir)?;
     Ok(())
 }
@@ -28,6 +33,72 @@ fn compile_protos(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    Ok(())
+}
+
+/// The ext_authz service's file and its imports, compiled from the protos of
+/// the `envoy-types` version in the lock file (found with `cargo metadata`),
+/// so the descriptor always matches the types the server uses.
+fn compile_envoy_descriptor(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let cargo = std::env::var("CARGO")?;
+    let target = std::env::var("TARGET")?;
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let metadata = |offline: bool| {
+        let mut command = std::process::Command::new(&cargo);
+        command
+            .args(["metadata", "--format-version", "1", "--locked"])
+            .args(["--filter-platform", &target, "--manifest-path"])
+            .arg(&manifest);
+        if offline {
+            command.arg("--offline");
+        }
+        command.output()
+    };
+    // Offline first: the build has every package it needs by now. Only a
+    // package this build did not need (a dev-dependency) can be missing, and
+    // then cargo fetches it as any build would.
+    let mut output = metadata(true)?;
+    if !output.status.success() {
+        output = metadata(false)?;
+    }
+    if !output.status.success() {
+        return Err(format!(
+            "`cargo metadata` failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let envoy_manifest = metadata["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|package| package["name"] == "envoy-types")
+        .and_then(|package| package["manifest_path"].as_str())
+        .ok_or("`cargo metadata` lists no `envoy-types` package")?;
+    let proto_root = Path::new(envoy_manifest)
+        .parent()
+        .ok_or("`envoy-types` has no directory")?
+        .join("proto");
+    // Its protos are grouped by upstream repository (data-plane-api,
+    // googleapis, xds, ...), each one an include root.
+    let mut includes = Vec::new();
+    for entry in std::fs::read_dir(&proto_root)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            includes.push(path);
+        }
+    }
+    includes.sort();
+    let mut compiler = protox::Compiler::new(includes)?;
+    compiler.include_imports(true).include_source_info(false);
+    compiler.open_file("envoy/service/auth/v3/external_auth.proto")?;
+    std::fs::write(
+        out_dir.join("envoy_ext_authz_descriptor.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
+    println!("cargo:rerun-if-changed={}", manifest.display());
+    println!("cargo:rerun-if-changed=Cargo.lock");
     Ok(())
 }
 

@@ -265,9 +265,17 @@ impl Server {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         set_health(&health_reporter, ServingStatus::NotServing).await;
 
-        let reflection = tonic_reflection::server::Builder::configure()
+        let mut reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        // Reflection lists the services of the files it holds: Envoy's only
+        // when its service is mounted.
+        if config.ext_authz.is_some() {
+            reflection = reflection.register_encoded_file_descriptor_set(
+                crate::proto::ENVOY_EXT_AUTHZ_FILE_DESCRIPTOR_SET,
+            );
+        }
+        let reflection = reflection
             .build_v1()
             .map_err(|error| ServeError::InitialLoad(LoadError::one("<reflection>", error)))?;
 

@@ -48,9 +48,10 @@ pub struct ServeArgs {
     /// Do not validate requests against the schema.
     #[arg(long, env = "ARBITER_NO_REQUEST_VALIDATION")]
     pub no_request_validation: bool,
-    /// What a policy evaluation error does: `deny` (fail closed, the
-    /// default) or `skip-policy` (Cedar's semantics: the erroring policy is
-    /// ignored and the others decide).
+    /// What a policy evaluation error does: `skip-permit` (the default:
+    /// Cedar's decision, except that an erroring forbid denies), `deny` (any
+    /// error denies) or `skip-policy` (Cedar's semantics: the erroring policy
+    /// is ignored and the others decide).
     #[arg(long, env = "ARBITER_ON_EVALUATION_ERROR", value_name = "MODE")]
     pub on_evaluation_error: Option<OnEvaluationError>,
     /// Decisions remembered per policy/data snapshot; 0 turns the cache off

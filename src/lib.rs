@@ -44,6 +44,10 @@ pub mod proto {
     /// The file descriptor set of `proto/`, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/arbiter_descriptor.bin"));
+    /// The file descriptor set of Envoy's `envoy.service.auth.v3` (ext_authz)
+    /// and its imports, served by gRPC reflection when ext_authz is on.
+    pub const ENVOY_EXT_AUTHZ_FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/envoy_ext_authz_descriptor.bin"));
 
     pub mod v1 {
         tonic::include_proto!("arbiter.v1");

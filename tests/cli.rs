@@ -478,3 +478,20 @@ fn serve_reads_env_and_refuses_invalid_policies_at_start() {
     let _ = server.wait();
     assert!(served, "--no-validate should let the set load");
 }
+
+/// One TLS stack: the binary links no OpenSSL (`libssl`, `libcrypto`), so
+/// a minimal image needs none. `ldd` lists what the dynamic loader would
+/// load; rustls is linked in statically.
+#[test]
+fn the_binary_links_no_openssl() {
+    let output = Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_arbiter"))
+        .output()
+        .expect("run ldd (libc-bin)");
+    let libraries = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(libraries.contains("libc.so"), "{libraries}");
+    for openssl in ["libssl", "libcrypto"] {
+        assert!(!libraries.contains(openssl), "{openssl} in:\n{libraries}");
+    }
+}

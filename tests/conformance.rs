@@ -18,6 +18,18 @@
 //! Both load with `OnEvaluationError::SkipPolicy` (Cedar's semantics), since
 //! the expected answers are Cedar's. A `shouldValidate: false` test counts as
 //! refused when the load with validation fails and the one without succeeds.
+//!
+//! The default mode, `OnEvaluationError::SkipPermit`, must give Cedar's
+//! answer except where a forbid errored, and then deny with no reasons (the
+//! errors unchanged): `sampled_corpus_skip_permit_in_process` checks that on
+//! the handwritten tests and the sample, `whole_corpus_skip_permit_in_process`
+//! (ignored) on every test. Which policies are forbids is read from the
+//! policy text with Cedar's parser, not from the engine. The corpus has no
+//! allow where a policy errored, where the modes differ, so both also run
+//! each test that has erroring policies again with a permit-all policy
+//! added (`check_case_with_permit_all`), against the engine's `skip-policy`
+//! answer with the rule applied (in the sample: 212 such allows, 116 of them
+//! with an erroring forbid).
 
 // Tests fail by panicking.
 #![allow(clippy::panic)]
@@ -353,6 +365,12 @@ struct Tally {
     /// `shouldValidate: true` tests, and how many loaded with validation on.
     validated_expected: usize,
     validated_loaded: usize,
+    /// Requests Cedar allows although a policy errored: `deny` would deny
+    /// them; `skip-permit` keeps those where only permits errored.
+    allows_with_errors: usize,
+    /// Of those, the ones whose expected answer is a deny because a forbid
+    /// errored (`skip-permit` only).
+    forbid_error_denies: usize,
     mismatches: Vec<Mismatch>,
 }
 
@@ -410,9 +428,14 @@ impl Tally {
     }
 
     /// Records the answer to one request (`Err`: the request was rejected).
-    fn answer(&mut self, case: &TestCase, request: &Request, got: Result<Answer, String>) {
+    fn answer(
+        &mut self,
+        case: &TestCase,
+        request: &Request,
+        expected: &Answer,
+        got: Result<Answer, String>,
+    ) {
         self.requests += 1;
-        let expected = &request.expected;
         let got = match got {
             Ok(got) => got,
             Err(error) => {
@@ -462,6 +485,8 @@ impl Tally {
         self.exempt_loaded += other.exempt_loaded;
         self.validated_expected += other.validated_expected;
         self.validated_loaded += other.validated_loaded;
+        self.allows_with_errors += other.allows_with_errors;
+        self.forbid_error_denies += other.forbid_error_denies;
         self.mismatches.extend(other.mismatches);
     }
 
@@ -495,6 +520,10 @@ impl Tally {
         println!(
             "shouldValidate=false: refusal checked {} (refused {}), exempted {} (of which {} loaded with validation on)",
             self.refusal_checked, self.refused, self.refusal_exempt, self.exempt_loaded
+        );
+        println!(
+            "Cedar allows with an erroring policy: {}, of which expected denies (an erroring forbid): {}",
+            self.allows_with_errors, self.forbid_error_denies
         );
         if self.mismatches.is_empty() {
             return;
@@ -535,10 +564,22 @@ enum Started {
 /// Load options with Cedar's own semantics for evaluation errors (the
 /// erroring policy is skipped): the expected answers are Cedar's.
 fn cedar_options(validate_policies: bool, validate_requests: bool) -> LoadOptions {
+    options_in(
+        OnEvaluationError::SkipPolicy,
+        validate_policies,
+        validate_requests,
+    )
+}
+
+fn options_in(
+    mode: OnEvaluationError,
+    validate_policies: bool,
+    validate_requests: bool,
+) -> LoadOptions {
     LoadOptions {
         validate_policies,
         validate_requests,
-        on_evaluation_error: OnEvaluationError::SkipPolicy,
+        on_evaluation_error: mode,
         // The server's default: repeated requests in a test file are then
         // answered from the decision cache, which must agree too.
         ..LoadOptions::default()
@@ -671,7 +712,7 @@ async fn ask_grpc(case: &TestCase, running: &Running, tally: &mut Tally) {
                 status.message()
             )),
         };
-        tally.answer(case, request, got);
+        tally.answer(case, request, &request.expected, got);
     }
 }
 
@@ -798,15 +839,55 @@ fn input_uid(uid: &UidJson) -> UidInput<'_> {
     }
 }
 
+/// The answer expected in `mode`: Cedar's, except that in `skip-permit` an
+/// allow where a forbid errored is a deny without reasons. `forbids` are the
+/// ids of the case's forbid policies.
+fn expected_in(mode: OnEvaluationError, cedar: &Answer, forbids: &HashSet<String>) -> Answer {
+    let forbid_errored = cedar.errors.iter().any(|id| forbids.contains(id));
+    if mode == OnEvaluationError::SkipPermit && cedar.allow && forbid_errored {
+        Answer {
+            allow: false,
+            reasons: BTreeSet::new(),
+            errors: cedar.errors.clone(),
+        }
+    } else {
+        cedar.clone()
+    }
+}
+
+/// The ids of the forbid policies in a single policy file, by Cedar's own
+/// parser (positional ids, as the loader gives a single file).
+fn forbid_ids(case: &TestCase) -> HashSet<String> {
+    let Some(path) = &case.sources.policies else {
+        return HashSet::new();
+    };
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|error| panic!("cannot read `{}`: {error}", path.display()));
+    let policies: cedar_policy::PolicySet = text
+        .parse()
+        .unwrap_or_else(|error| panic!("`{}` does not parse: {error}", path.display()));
+    policies
+        .policies()
+        .filter(|policy| policy.effect() == cedar_policy::Effect::Forbid)
+        .map(|policy| policy.id().to_string())
+        .collect()
+}
+
 /// Sends every request of `case` through the engine; `validateRequest:
 /// false` requests go to `unvalidated`, a snapshot without request validation.
 fn ask_in_process(
     case: &TestCase,
+    mode: OnEvaluationError,
     snapshot: &Snapshot,
     unvalidated: Option<&Snapshot>,
     tally: &mut Tally,
 ) {
     let engine = Engine::new();
+    let forbids = if mode == OnEvaluationError::SkipPermit {
+        forbid_ids(case)
+    } else {
+        HashSet::new()
+    };
     for request in &case.requests {
         let snapshot = match (request.validate_request, unvalidated) {
             (false, Some(unvalidated)) => unvalidated,
@@ -827,12 +908,16 @@ fn ask_in_process(
                 errors: decision.errors.into_iter().map(|e| e.policy_id).collect(),
             })
             .map_err(|error| error.to_string());
-        tally.answer(case, request, got);
+        let expected = expected_in(mode, &request.expected, &forbids);
+        tally.allows_with_errors +=
+            usize::from(request.expected.allow && !request.expected.errors.is_empty());
+        tally.forbid_error_denies += usize::from(expected.allow != request.expected.allow);
+        tally.answer(case, request, &expected, got);
     }
 }
 
 /// One test file in-process: the load with validation on, then the answers.
-fn check_case_in_process(case: &TestCase) -> Tally {
+fn check_case_in_process(case: &TestCase, mode: OnEvaluationError) -> Tally {
     let mut tally = Tally {
         files: 1,
         ..Tally::default()
@@ -844,7 +929,9 @@ fn check_case_in_process(case: &TestCase) -> Tally {
             return tally;
         }
     };
-    let options = cedar_options;
+    let options = |validate_policies, validate_requests| {
+        options_in(mode, validate_policies, validate_requests)
+    };
     let (load, snapshot) = match loader::build(&inputs, options(true, true)) {
         Ok((snapshot, _)) => (ValidatedLoad::Loaded, Some(snapshot)),
         Err(_) => (ValidatedLoad::Refused, None),
@@ -877,29 +964,123 @@ fn check_case_in_process(case: &TestCase) -> Tally {
             }
         }
     };
-    ask_in_process(case, &snapshot, unvalidated.as_ref(), &mut tally);
+    ask_in_process(case, mode, &snapshot, unvalidated.as_ref(), &mut tally);
     tally
 }
 
-#[test]
-#[ignore = "the whole corpus: cargo test --release --test conformance -- --ignored --nocapture"]
-fn whole_corpus_in_process() {
-    let started = Instant::now();
-    let dir = corpus_dir();
-    let warn_only = warn_only(&dir);
-    let mut cases = handwritten(&dir, &warn_only);
-    let generated = unpack_generated(&dir);
-    cases.extend(generated.read(&generated.names, &warn_only));
+/// Added to a corpus policy set to make errors matter: with it every request
+/// is allowed unless a forbid is satisfied, or errors where `skip-permit`
+/// denies.
+const PERMIT_ALL: &str = "\n@id(\"arbiter-permit-all\")\npermit (principal, action, resource);\n";
 
+/// `skip-permit` on a corpus test whose requests have erroring policies,
+/// with [`PERMIT_ALL`] added: the corpus alone has no allow where a policy
+/// errored, which is where the modes differ. The reference answer is the
+/// engine's in `skip-policy` (Cedar's semantics, which the corpus checks)
+/// on the same set, with the rule applied; its errors must be the corpus's.
+fn check_case_with_permit_all(case: &TestCase) -> Tally {
+    let mut tally = Tally {
+        files: 1,
+        ..Tally::default()
+    };
+    if case
+        .requests
+        .iter()
+        .all(|request| request.expected.errors.is_empty())
+    {
+        return tally;
+    }
+    let mut inputs: Inputs = match loader::read_inputs(&case.sources) {
+        Ok(inputs) => inputs,
+        Err(error) => {
+            tally.unanswered(case, format!("cannot read: {}", error));
+            return tally;
+        }
+    };
+    let Some(file) = inputs.policy_files.first_mut() else {
+        tally.unanswered(case, "no policy file");
+        return tally;
+    };
+    file.text = format!("{}{PERMIT_ALL}", file.text).into();
+    let build = |mode, validate_requests| {
+        loader::build(&inputs, options_in(mode, false, validate_requests))
+            .map(|(snapshot, _)| snapshot)
+            .map_err(|error| error.to_string())
+    };
+    let snapshots = [true, false].map(|validate_requests| {
+        Ok::<_, String>((
+            build(OnEvaluationError::SkipPolicy, validate_requests)?,
+            build(OnEvaluationError::SkipPermit, validate_requests)?,
+        ))
+    });
+    let [Ok(validated), Ok(unvalidated)] = snapshots else {
+        tally.unanswered(case, "refused with the permit-all policy added");
+        return tally;
+    };
+    let forbids = forbid_ids(case);
+    let engine = Engine::new();
+    for request in &case.requests {
+        let (cedar, skip_permit) = if request.validate_request {
+            &validated
+        } else {
+            &unvalidated
+        };
+        let input = CheckInput {
+            principal: Some(input_uid(&request.principal)),
+            action: Some(input_uid(&request.action)),
+            resource: Some(input_uid(&request.resource)),
+            context_json: &request.context_json,
+            entities_json: "",
+        };
+        let ask = |snapshot: &Snapshot| {
+            engine
+                .check_against(snapshot, &input)
+                .map(|decision| Answer {
+                    allow: decision.allowed,
+                    reasons: decision.reasons.into_iter().collect(),
+                    errors: decision.errors.into_iter().map(|e| e.policy_id).collect(),
+                })
+                .map_err(|error| error.to_string())
+        };
+        let cedar = match ask(cedar) {
+            Ok(cedar) => cedar,
+            Err(error) => {
+                tally.answer(case, request, &request.expected, Err(error));
+                continue;
+            }
+        };
+        if cedar.errors != request.expected.errors {
+            tally.mismatch(
+                &case.name,
+                format!("{} (permit-all added): errors", request.description),
+                format!("{:?}", request.expected.errors),
+                format!("{:?}", cedar.errors),
+            );
+        }
+        let expected = expected_in(OnEvaluationError::SkipPermit, &cedar, &forbids);
+        tally.allows_with_errors += usize::from(cedar.allow && !cedar.errors.is_empty());
+        tally.forbid_error_denies += usize::from(expected.allow != cedar.allow);
+        tally.answer(case, request, &expected, ask(skip_permit));
+    }
+    tally
+}
+
+/// Checks `cases` in-process in `mode` on every core.
+fn check_in_process(cases: &[TestCase], mode: OnEvaluationError) -> Tally {
+    check_each(cases, |case| check_case_in_process(case, mode))
+}
+
+/// Runs `check` on each of `cases`, on every core.
+fn check_each(cases: &[TestCase], check: impl Fn(&TestCase) -> Tally + Sync) -> Tally {
     let next = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(2, usize::from);
-    let tally = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
                     let mut tally = Tally::default();
                     while let Some(case) = cases.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        tally.merge(check_case_in_process(case));
+                        tally.merge(check(case));
                     }
                     tally
                 })
@@ -913,6 +1094,78 @@ fn whole_corpus_in_process() {
             }
         }
         tally
-    });
+    })
+}
+
+/// Every test in the corpus, handwritten first; the sample only when `step`
+/// is given (every `step`-th generated test by name). The cases' files stay
+/// while the returned `Unpacked` lives.
+fn corpus_cases(step: Option<usize>) -> (Vec<TestCase>, Unpacked) {
+    let dir = corpus_dir();
+    let warn_only = warn_only(&dir);
+    let mut cases = handwritten(&dir, &warn_only);
+    let generated = unpack_generated(&dir);
+    let names: Vec<String> = match step {
+        Some(step) => generated.names.iter().step_by(step).cloned().collect(),
+        None => generated.names.clone(),
+    };
+    cases.extend(generated.read(&names, &warn_only));
+    (cases, generated)
+}
+
+#[test]
+fn sampled_corpus_skip_permit_in_process() {
+    let started = Instant::now();
+    let (cases, _unpacked) = corpus_cases(Some(SAMPLE_STEP));
+    let tally = check_in_process(&cases, OnEvaluationError::SkipPermit);
+    tally.report(
+        "handwritten + sampled corpus in process, skip-permit",
+        started.elapsed(),
+    );
+    let started = Instant::now();
+    let tally = check_each(&cases, check_case_with_permit_all);
+    let (allows_with_errors, forbid_denies) = (tally.allows_with_errors, tally.forbid_error_denies);
+    tally.report(
+        "handwritten + sampled corpus in process, permit-all added, skip-permit",
+        started.elapsed(),
+    );
+    // Both cases occur: an erroring permit beside a satisfied one (allow),
+    // and an erroring forbid (deny).
+    assert!(forbid_denies > 0, "no allow with an erroring forbid");
+    assert!(
+        allows_with_errors > forbid_denies,
+        "no allow with only erroring permits"
+    );
+}
+
+#[test]
+#[ignore = "the whole corpus: cargo test --release --test conformance -- --ignored --nocapture"]
+fn whole_corpus_skip_permit_in_process() {
+    let started = Instant::now();
+    let (cases, _unpacked) = corpus_cases(None);
+    let tally = check_in_process(&cases, OnEvaluationError::SkipPermit);
+    tally.report("whole corpus in process, skip-permit", started.elapsed());
+    // The corpus has no allow where a policy errored (where the modes
+    // differ): the same requests again with a permit-all policy added.
+    let started = Instant::now();
+    let tally = check_each(&cases, check_case_with_permit_all);
+    let (allows_with_errors, forbid_denies) = (tally.allows_with_errors, tally.forbid_error_denies);
+    tally.report(
+        "whole corpus in process, permit-all added, skip-permit",
+        started.elapsed(),
+    );
+    assert!(forbid_denies > 0, "no allow with an erroring forbid");
+    assert!(
+        allows_with_errors > forbid_denies,
+        "no allow with only erroring permits"
+    );
+}
+
+#[test]
+#[ignore = "the whole corpus: cargo test --release --test conformance -- --ignored --nocapture"]
+fn whole_corpus_in_process() {
+    let started = Instant::now();
+    let (cases, _unpacked) = corpus_cases(None);
+    let tally = check_in_process(&cases, OnEvaluationError::SkipPolicy);
     tally.report("whole corpus in process", started.elapsed());
 }

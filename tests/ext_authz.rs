@@ -27,6 +27,7 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use envoy_types::pb::google::protobuf::{Struct, Timestamp, Value as PbValue, value::Kind};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use prost::Message as _;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -1251,5 +1252,109 @@ async fn raw_messages_are_read_and_malformed_ones_refused_with_a_reason() {
     .await
     .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    server.stop().await.unwrap();
+}
+
+/// One request on the server's reflection service (`grpc.reflection.v1`).
+async fn reflect(
+    addr: SocketAddr,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> tonic_reflection::pb::v1::server_reflection_response::MessageResponse {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    response.message_response.unwrap()
+}
+
+/// The file descriptors of a reflection answer (`FileContainingSymbol`,
+/// `FileByFilename`).
+fn descriptors(
+    response: tonic_reflection::pb::v1::server_reflection_response::MessageResponse,
+) -> Vec<prost_types::FileDescriptorProto> {
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let MessageResponse::FileDescriptorResponse(files) = response else {
+        panic!("not a file descriptor answer: {response:?}");
+    };
+    files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost_types::FileDescriptorProto::decode(&bytes[..]).unwrap())
+        .collect()
+}
+
+/// With ext_authz on, reflection lists Envoy's service beside Arbiter's, and
+/// resolves its symbol to a file whose imports all resolve too, as `grpcurl`
+/// and Envoy's debugging tools need.
+#[tokio::test]
+async fn reflection_lists_and_resolves_the_ext_authz_service() {
+    use std::collections::BTreeSet;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = TestServer::start(server_config(example_mapping())).await;
+    let listed = reflect(server.addr, MessageRequest::ListServices(String::new())).await;
+    let MessageResponse::ListServicesResponse(list) = listed else {
+        panic!("not a service list: {listed:?}");
+    };
+    let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in [
+        "envoy.service.auth.v3.Authorization",
+        "arbiter.v1.Authorizer",
+        "arbiter.v1.DecisionLog",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(names.contains(service), "{service} not in {names:?}");
+    }
+
+    let symbol = "envoy.service.auth.v3.Authorization".to_owned();
+    let files =
+        descriptors(reflect(server.addr, MessageRequest::FileContainingSymbol(symbol)).await);
+    let file = &files[0];
+    assert_eq!(file.name(), "envoy/service/auth/v3/external_auth.proto");
+    let service = file
+        .service
+        .iter()
+        .find(|service| service.name() == "Authorization")
+        .unwrap();
+    let check = service
+        .method
+        .iter()
+        .find(|method| method.name() == "Check")
+        .unwrap();
+    assert_eq!(check.input_type(), ".envoy.service.auth.v3.CheckRequest");
+    assert_eq!(check.output_type(), ".envoy.service.auth.v3.CheckResponse");
+
+    // Every import, transitively, is served by name.
+    let mut pending: Vec<String> = file.dependency.clone();
+    let mut resolved = BTreeSet::new();
+    while let Some(name) = pending.pop() {
+        if !resolved.insert(name.clone()) {
+            continue;
+        }
+        let files =
+            descriptors(reflect(server.addr, MessageRequest::FileByFilename(name.clone())).await);
+        assert_eq!(files[0].name(), name);
+        pending.extend(files[0].dependency.iter().cloned());
+    }
+    assert!(
+        resolved.contains("envoy/service/auth/v3/attribute_context.proto"),
+        "{resolved:?}"
+    );
     server.stop().await.unwrap();
 }

@@ -69,7 +69,8 @@ async fn evaluation_errors_fail_closed_and_are_reported() {
     let mut client = server.client().await;
     // `ghost` is not in the store: every policy that reads `principal.tenant`
     // errors, the guardrail forbids included. Cedar alone would skip them and
-    // let `public-documents-readable` allow; Arbiter fails closed.
+    // let `public-documents-readable` allow; by default (`skip-permit`) an
+    // erroring forbid denies.
     let response = client
         .check(saas("ghost", "read", "Document", "acme-handbook"))
         .await
@@ -413,7 +414,19 @@ async fn reflection_lists_the_services() {
         panic!("unexpected reflection answer: {response:?}");
     };
     let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains("arbiter.v1.Authorizer"), "{names:?}");
-    assert!(names.contains("grpc.health.v1.Health"), "{names:?}");
+    for service in [
+        "arbiter.v1.Authorizer",
+        "arbiter.v1.DecisionLog",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(names.contains(service), "{service} not in {names:?}");
+    }
+    // Envoy's service is served, and listed, only with ext_authz on
+    // (`tests/ext_authz.rs`).
+    assert!(
+        !names.contains("envoy.service.auth.v3.Authorization"),
+        "{names:?}"
+    );
     server.stop().await.unwrap();
 }

@@ -887,3 +887,76 @@ async fn group_nesting_ten_thousand_deep_is_refused_below_the_depth_limit() {
     server.stop().await.unwrap();
     db.drop().await;
 }
+
+/// Whether the server this test talks to has TLS on (Debian's cluster has,
+/// with its self-signed "snakeoil" certificate); the TLS tests need it.
+async fn server_has_tls() {
+    let admin = connect("postgres").await;
+    let ssl: String = admin.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    assert_eq!(
+        ssl, "on",
+        "the TLS tests need `ssl = on` in the PostgreSQL on 127.0.0.1:5432"
+    );
+}
+
+/// TLS to the identity store is rustls (`identity::tls`): with
+/// `sslmode=require` and no verification (the default) the session is
+/// encrypted; with `tls_verify` a certificate that no trusted root issued is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_rustls_encrypts_and_verifies_only_when_asked() {
+    server_has_tls().await;
+    let url = format!("{}?sslmode=require", server_url("postgres"));
+    let config: tokio_postgres::Config = url.parse().unwrap();
+
+    let tls = arbiter::identity::tls::postgres_connector(false).unwrap();
+    let (client, connection) = config.connect(tls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the session is not encrypted");
+    assert!(row.get::<_, Option<String>>(1).is_some());
+    drop(client);
+    connection.await.unwrap().unwrap();
+
+    // The server's self-signed certificate is in no trusted root store.
+    let tls = arbiter::identity::tls::postgres_connector(true).unwrap();
+    let error = config.connect(tls).await.err().expect("verification fails");
+    let text = format!("{error:?}");
+    assert!(
+        text.contains("UnknownIssuer") || text.contains("NotValidForName"),
+        "{text}"
+    );
+}
+
+/// The server syncs over `sslmode=require`, and its session is encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_over_tls_with_sslmode_require() {
+    server_has_tls().await;
+    let db = TestDb::create(SEED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut identity = identity(&db.name);
+    if let Some(postgres) = identity.postgres.as_mut() {
+        postgres.url = Some(format!("{}?sslmode=require", server_url(&db.name)));
+    }
+    let server = start(&dir, identity).await;
+    assert!(allowed(&server, "bob", "read", "").await);
+    let encrypted: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = current_database() AND s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "no encrypted session to {}", db.name);
+    server.stop().await.unwrap();
+    db.drop().await;
+}

@@ -62,7 +62,7 @@ impl SourceArgs {
         crate::engine::LoadOptions {
             validate_policies: !self.no_validate,
             validate_requests: true,
-            on_evaluation_error: crate::engine::OnEvaluationError::Deny,
+            on_evaluation_error: crate::engine::OnEvaluationError::default(),
             // One-shot commands gain nothing from remembering answers.
             decision_cache_capacity: 0,
             slice_cache_capacity: 0,

@@ -84,9 +84,15 @@ pub const DEFAULT_SLICE_CACHE_CAPACITY: u64 = 65_536;
 /// What a policy that errors during evaluation does to a decision.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OnEvaluationError {
-    /// Fail closed: any evaluation error makes the decision deny, even when
-    /// another permit was satisfied. The default.
+    /// Cedar's decision, except that an erroring forbid denies: an erroring
+    /// permit is skipped (it grants nothing, so skipping it cannot let a
+    /// request through that another policy does not allow), while a
+    /// guardrail that could not be evaluated must not let a request
+    /// through. The default.
     #[default]
+    SkipPermit,
+    /// Fail closed on any error: an allow reached while any policy errored
+    /// becomes a deny, even when the erroring policy was a permit.
     Deny,
     /// Cedar's own semantics: the erroring policy is skipped and the others
     /// decide. An erroring forbid then no longer blocks a satisfied permit.
@@ -98,10 +104,11 @@ impl std::str::FromStr for OnEvaluationError {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text {
+            "skip-permit" => Ok(OnEvaluationError::SkipPermit),
             "deny" => Ok(OnEvaluationError::Deny),
             "skip-policy" => Ok(OnEvaluationError::SkipPolicy),
             other => Err(format!(
-                "`{other}` is not an evaluation error mode; expected `deny` or `skip-policy`"
+                "`{other}` is not an evaluation error mode; expected `skip-permit`, `deny` or `skip-policy`"
             )),
         }
     }
@@ -112,7 +119,7 @@ impl Default for LoadOptions {
         LoadOptions {
             validate_policies: true,
             validate_requests: true,
-            on_evaluation_error: OnEvaluationError::Deny,
+            on_evaluation_error: OnEvaluationError::default(),
             decision_cache_capacity: DEFAULT_DECISION_CACHE_CAPACITY,
             slice_cache_capacity: DEFAULT_SLICE_CACHE_CAPACITY,
             request_entities: RequestEntitiesMode::default(),

@@ -439,11 +439,23 @@ impl Engine {
             })
             .collect();
         let cedar_allowed = response.decision() == CedarDecision::Allow;
-        // Fail closed: an allow reached while some policy errored is not
-        // trusted, since the erroring policy may have been a forbid.
-        let fail_closed =
-            !errors.is_empty() && policies.on_evaluation_error == OnEvaluationError::Deny;
-        let (allowed, reasons) = if cedar_allowed && fail_closed {
+        // An allow reached while a policy errored is not trusted when that
+        // policy may have been a forbid (`deny`: any error) or was one
+        // (`skip-permit`: its effect is looked up only when there are errors).
+        let fail_closed = cedar_allowed
+            && !errors.is_empty()
+            && match policies.on_evaluation_error {
+                OnEvaluationError::Deny => true,
+                OnEvaluationError::SkipPolicy => false,
+                OnEvaluationError::SkipPermit => diagnostics.errors().any(|error| {
+                    let cedar_policy::AuthorizationError::PolicyEvaluationError(error) = error;
+                    policies
+                        .policies
+                        .policy(error.policy_id())
+                        .is_none_or(|policy| policy.effect() == cedar_policy::Effect::Forbid)
+                }),
+            };
+        let (allowed, reasons) = if fail_closed {
             (false, Vec::new())
         } else {
             (

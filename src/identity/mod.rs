@@ -17,6 +17,7 @@
 
 pub mod postgres;
 pub mod scim;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -77,7 +78,7 @@ pub enum IdentityError {
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
     #[error("tls: {0}")]
-    Tls(#[from] native_tls::Error),
+    Tls(#[from] tls::TlsError),
     #[error("scim: {0}")]
     Scim(#[from] scim::ScimError),
     #[error("the connection to the identity store closed")]

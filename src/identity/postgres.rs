@@ -260,11 +260,7 @@ impl<'a> Session<'a> {
 async fn connect(
     source: &PostgresSource,
 ) -> Result<(Client, Arc<Notify>, Arc<Notify>), IdentityError> {
-    let tls = native_tls::TlsConnector::builder()
-        .danger_accept_invalid_certs(!source.tls_verify)
-        .danger_accept_invalid_hostnames(!source.tls_verify)
-        .build()?;
-    let tls = postgres_native_tls::MakeTlsConnector::new(tls);
+    let tls = super::tls::postgres_connector(source.tls_verify)?;
     let (client, mut connection) = source.config.connect(tls).await?;
     let wake = Arc::new(Notify::new());
     let closed = Arc::new(Notify::new());

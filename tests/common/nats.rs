@@ -1,10 +1,20 @@
 //! A real `nats-server` with JetStream on a free port and a temp store,
 //! that a test can stop and restart; killed on drop, even when a test fails.
+//!
+//! Ports that a test names before something listens on them (a NATS server
+//! that is down at first or restarted, a binary's listeners, a collector
+//! that comes up late) are taken below the kernel's ephemeral range: a port
+//! from `bind(0)` is in that range, so while nothing listened on it another
+//! socket's `bind(0)` or `connect` could be given it, or a client retrying
+//! `127.0.0.1:P` could be given P as its own port and connect to itself,
+//! and the server then could not bind it. A started server is known to be
+//! ours by its ports file (`-ports_file_dir`), not by a port that answers.
 
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -17,12 +27,26 @@ pub struct NatsServer {
     child: Option<Child>,
 }
 
+/// A port on 127.0.0.1 that nothing is bound to now, below the ephemeral
+/// range (so the kernel hands it to no other socket), spread by process id
+/// so that test processes running side by side try different ports.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = low.saturating_sub(10_000).clamp(1, 16_384);
+    let base = low - span;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(base + offset).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {base}..{low}");
 }
 
 fn binary() -> PathBuf {
@@ -45,31 +69,64 @@ impl NatsServer {
     }
 
     pub fn start() -> NatsServer {
-        let mut server = Self::stopped();
-        server.restart();
-        server
+        // Another process may have bound the port since it was checked:
+        // then take another one.
+        for _ in 0..10 {
+            let mut server = Self::stopped();
+            if server.try_start() {
+                return server;
+            }
+        }
+        panic!("nats-server could not bind any of 10 ports");
     }
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Starts the server (same port, same store) and waits until it accepts.
+    /// Starts the server (same port, same store) and waits until it is ready.
     pub fn restart(&mut self) {
+        assert!(
+            self.try_start(),
+            "nats-server exited at start: port {} is taken",
+            self.port
+        );
+    }
+
+    /// Starts the server and waits for its ports file, which it writes once
+    /// it listens; false when it exited first (its port was taken).
+    fn try_start(&mut self) -> bool {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new(binary())
+        let ports_dir = self.store.path().join("ports");
+        std::fs::create_dir_all(&ports_dir).unwrap();
+        let mut child = Command::new(binary())
             .args(["-js", "-sd"])
             .arg(self.store.path())
             .args(["-p", &self.port.to_string(), "-a", "127.0.0.1"])
+            .arg("-ports_file_dir")
+            .arg(&ports_dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server (apt-get install nats-server)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
+        let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ports_file)
+                && text.contains(&format!("127.0.0.1:{}\"", self.port))
+            {
+                self.child = Some(child);
+                return true;
+            }
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("nats-server did not start");
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

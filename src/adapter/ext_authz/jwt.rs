@@ -25,7 +25,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::mapping::{ClaimsMapping, MappingError};
+use super::claims::{ClaimsMapping, MappingError};
 
 fn default_leeway() -> u64 {
     60

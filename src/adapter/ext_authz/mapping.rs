@@ -18,6 +18,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::claims::ClaimsMapping;
+pub use super::claims::MappingError;
 use super::jwt::JwtConfig;
 use super::wire::Headers;
 use crate::engine::{EntityMerge, EntityRef, SealedMerge};
@@ -254,23 +256,6 @@ pub enum MappingConfigError {
     },
 }
 
-/// Why a request could not be mapped. Every variant ends in a deny.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum MappingError {
-    /// No credentials where the principal source expects them (401).
-    #[error("credentials are missing: {0}")]
-    MissingCredentials(String),
-    /// Credentials present but not acceptable (401).
-    #[error("credentials are invalid: {0}")]
-    InvalidCredentials(String),
-    /// The request headers are larger than allowed (431).
-    #[error("request headers take {size} bytes, more than {limit}")]
-    HeadersTooLarge { size: usize, limit: usize },
-    /// The request is not one that can be mapped (403).
-    #[error("{0}")]
-    Unmappable(String),
-}
-
 // --- templates ------------------------------------------------------------
 
 #[derive(Debug, Clone)]
@@ -503,20 +488,6 @@ pub(crate) struct RequestFacts<'a> {
     pub query: &'a [(Cow<'a, str>, Cow<'a, str>)],
     /// The mapped claims of the principal, when it came from a JWT.
     pub claims: Option<&'a ClaimsMapping>,
-}
-
-/// What one set of verified claims maps to. The same for every request
-/// that carries the same token, so the service keeps it with the cached
-/// token (`VerifiedToken::mapped`) instead of mapping per request.
-#[derive(Debug)]
-pub(crate) struct ClaimsMapping {
-    pub uid: EntityRef,
-    /// Claims merged over the cached principal, sealed: its decision-cache
-    /// key text is computed once.
-    pub merge: Arc<SealedMerge>,
-    /// Per context field, in field order: the claim's JSON text for fields
-    /// with source `claim` whose claim is present.
-    context_claims: Vec<Option<String>>,
 }
 
 /// The compiled `[ext_authz]` table.

@@ -10,13 +10,15 @@
 //! Invariants:
 //! - fail closed: a mapping failure, a missing or invalid credential, an
 //!   unmatched route (unless `unmatched = "allow"`), a malformed Cedar request
-//!   and any evaluation error all deny; a well-formed `CheckRequest` never
+//!   and an evaluation error that `on_evaluation_error` turns into a deny (by
+//!   default an erroring forbid) all deny; a well-formed `CheckRequest` never
 //!   gets a gRPC error, always an HTTP answer for Envoy to send;
 //! - deny bodies carry the decision id and a fixed reason word, never
 //!   internal details (those go to the debug log with the decision id);
 //! - headers Arbiter adds upstream overwrite any the client sent.
 
 pub mod answer;
+pub mod claims;
 pub mod grpc;
 pub mod jwt;
 pub mod mapping;
@@ -38,7 +40,8 @@ pub use wire::{AddressView, AttributesView, CheckView, Headers, HttpView, WireEr
 use crate::decision_log::{Caller, DecisionEvent, DecisionLogger, LoggedHeaders, Transport, Uid};
 use crate::engine::{CheckInput, Decision, Engine, EntityRef, RequestEntities, UidInput};
 use crate::telemetry::DecisionMetrics;
-use mapping::{ClaimsMapping, PrincipalSource, RequestFacts, Unmatched};
+use claims::ClaimsMapping;
+use mapping::{PrincipalSource, RequestFacts, Unmatched};
 
 /// The gRPC service name, for health checks.
 pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
