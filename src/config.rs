@@ -276,6 +276,7 @@ impl ServeArgs {
                     .slice_cache_entities
                     .or(file.slice_cache_entities)
                     .unwrap_or(DEFAULT_SLICE_CACHE_CAPACITY),
+                policy_index_min: crate::engine::DEFAULT_POLICY_INDEX_MIN,
             },
             listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
             admin_listen: self

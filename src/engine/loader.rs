@@ -65,6 +65,9 @@ pub struct LoadOptions {
     /// Entities held in prepared slices of synced data, across all cached
     /// slices (0 turns the slice cache off).
     pub slice_cache_capacity: u64,
+    /// Policy count from which decisions evaluate only the policies whose
+    /// scope can match (the policy index); 0 indexes every set.
+    pub policy_index_min: usize,
 }
 
 /// The default size of the per-snapshot decision cache.
@@ -109,6 +112,7 @@ impl Default for LoadOptions {
             on_evaluation_error: OnEvaluationError::Deny,
             decision_cache_capacity: DEFAULT_DECISION_CACHE_CAPACITY,
             slice_cache_capacity: DEFAULT_SLICE_CACHE_CAPACITY,
+            policy_index_min: super::policy_index::DEFAULT_POLICY_INDEX_MIN,
         }
     }
 }

@@ -11,6 +11,7 @@ mod decision_cache;
 pub mod entity_store;
 mod error;
 pub mod loader;
+mod policy_index;
 mod request_entities;
 mod slice_cache;
 mod snapshot;
@@ -27,6 +28,7 @@ use cedar_policy::{
 pub use decision::{Decision, PolicyEvaluationError, SliceUse};
 pub use error::{LoadDiagnostic, LoadError, RequestError, RequestField};
 pub use loader::{LoadOptions, LoadReport, OnEvaluationError, Sources};
+pub use policy_index::DEFAULT_POLICY_INDEX_MIN;
 pub use request_entities::{EntityMerge, EntityRef, RequestEntities, SealedMerge};
 pub use snapshot::{EntityData, PolicySnapshot, Snapshot};
 
@@ -330,8 +332,7 @@ impl Engine {
         };
         let response = match (snapshot.data.whole(), cached_slices) {
             (Some(entities), _) if !has_overlay => {
-                self.authorizer
-                    .is_authorized(&request, &policies.policies, entities)
+                policies.authorize(&self.authorizer, &request, entities)
             }
             (_, Some((cache, store))) => {
                 let key = &roots[..request_roots];
@@ -355,8 +356,7 @@ impl Engine {
                         prepared
                     }
                 };
-                self.authorizer
-                    .is_authorized(&request, &policies.policies, &prepared.entities)
+                policies.authorize(&self.authorizer, &request, &prepared.entities)
             }
             _ => {
                 let overlay = if has_json_overlay {
@@ -378,8 +378,7 @@ impl Engine {
                 let entities = Entities::from_entities(slice, None).map_err(|error| {
                     RequestError::invalid_because(RequestField::Entities, &error)
                 })?;
-                self.authorizer
-                    .is_authorized(&request, &policies.policies, &entities)
+                policies.authorize(&self.authorizer, &request, &entities)
             }
         };
 
