@@ -382,6 +382,7 @@ impl ServeArgs {
                     .unwrap_or(DEFAULT_SLICE_CACHE_CAPACITY),
                 request_entities,
                 limits,
+                policy_index_min: crate::engine::DEFAULT_POLICY_INDEX_MIN,
             },
             listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
             admin_listen: self

@@ -580,6 +580,9 @@ fn options_in(
         validate_policies,
         validate_requests,
         on_evaluation_error: mode,
+        // Every corpus set is far below the default size for the policy
+        // index: index them all, so the corpus checks the index's answers.
+        policy_index_min: 0,
         // The server's default: repeated requests in a test file are then
         // answered from the decision cache, which must agree too.
         ..LoadOptions::default()
@@ -888,6 +891,12 @@ fn ask_in_process(
     } else {
         HashSet::new()
     };
+    // Not a silent fallback to the whole set: the index answers.
+    for snapshot in std::iter::once(snapshot).chain(unvalidated) {
+        if snapshot.policies.policy_count() > 0 && !snapshot.policies.indexed() {
+            panic!("`{}`: the policy set is not indexed", case.name);
+        }
+    }
     for request in &case.requests {
         let snapshot = match (request.validate_request, unvalidated) {
             (false, Some(unvalidated)) => unvalidated,

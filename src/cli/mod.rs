@@ -66,6 +66,7 @@ impl SourceArgs {
             // One-shot commands gain nothing from remembering answers.
             decision_cache_capacity: 0,
             slice_cache_capacity: 0,
+            policy_index_min: crate::engine::DEFAULT_POLICY_INDEX_MIN,
             limits: crate::engine::RequestLimits {
                 max_hierarchy_depth: self
                     .max_hierarchy_depth

@@ -71,6 +71,9 @@ pub struct LoadOptions {
     pub request_entities: RequestEntitiesMode,
     /// Bounds on requests and on every entity hierarchy.
     pub limits: RequestLimits,
+    /// Policy count from which decisions evaluate only the policies whose
+    /// scope can match (the policy index); 0 indexes every set.
+    pub policy_index_min: usize,
 }
 
 /// The default size of the per-snapshot decision cache.
@@ -124,6 +127,7 @@ impl Default for LoadOptions {
             slice_cache_capacity: DEFAULT_SLICE_CACHE_CAPACITY,
             request_entities: RequestEntitiesMode::default(),
             limits: RequestLimits::default(),
+            policy_index_min: super::policy_index::DEFAULT_POLICY_INDEX_MIN,
         }
     }
 }

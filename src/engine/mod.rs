@@ -12,6 +12,7 @@ pub mod entity_store;
 mod error;
 pub mod hierarchy;
 pub mod loader;
+mod policy_index;
 mod request_entities;
 pub mod request_overlay;
 mod slice_cache;
@@ -30,6 +31,7 @@ pub use decision::{Decision, PolicyEvaluationError, SliceUse};
 pub use error::{LoadDiagnostic, LoadError, RequestError, RequestField};
 pub use hierarchy::{DEFAULT_MAX_HIERARCHY_DEPTH, MAX_HIERARCHY_DEPTH_CEILING};
 pub use loader::{LoadOptions, LoadReport, OnEvaluationError, Sources};
+pub use policy_index::DEFAULT_POLICY_INDEX_MIN;
 pub use request_entities::{EntityMerge, EntityRef, RequestEntities, SealedMerge};
 pub use request_overlay::{
     DEFAULT_HEAVY_QUEUE, DEFAULT_MAX_REQUEST_ANCESTORS, DEFAULT_MAX_REQUEST_ENTITIES,
@@ -354,8 +356,7 @@ impl Engine {
         };
         let response = match (snapshot.data.whole(), cached_slices) {
             (Some(entities), _) if !has_overlay => {
-                self.authorizer
-                    .is_authorized(&request, &policies.policies, entities)
+                policies.authorize(&self.authorizer, &request, entities)
             }
             (_, Some((cache, store))) => {
                 let key = &roots[..request_roots];
@@ -379,8 +380,7 @@ impl Engine {
                         prepared
                     }
                 };
-                self.authorizer
-                    .is_authorized(&request, &policies.policies, &prepared.entities)
+                policies.authorize(&self.authorizer, &request, &prepared.entities)
             }
             _ => {
                 let overlay = if has_json_overlay {
@@ -421,8 +421,7 @@ impl Engine {
                 let entities = Entities::from_entities(slice, None).map_err(|error| {
                     RequestError::invalid_because(RequestField::Entities, &error)
                 })?;
-                self.authorizer
-                    .is_authorized(&request, &policies.policies, &entities)
+                policies.authorize(&self.authorizer, &request, &entities)
             }
         };
 

@@ -10,8 +10,11 @@ use super::decision_cache::DecisionCache;
 use super::entity_store::{EntityStore, MaterializeError, SliceError, SliceGraph};
 use super::loader::{LoadOptions, OnEvaluationError};
 use super::request_overlay::{RequestEntitiesMode, RequestLimits};
+use super::policy_index::PolicyIndex;
 use super::slice_cache::SliceCache;
-use cedar_policy::{Entities, Entity, EntityUid, EvalResult, PolicySet, Schema};
+use cedar_policy::{
+    Authorizer, Entities, Entity, EntityUid, EvalResult, PolicySet, Request, Response, Schema,
+};
 
 /// Everything one decision needs, swapped as one unit so that a request sees
 /// the whole old state or the whole new state, never a mix.
@@ -95,6 +98,8 @@ pub struct PolicySnapshot {
     /// The schema's action entities (with their action groups), for data
     /// that does not carry them (synced identity data).
     pub(crate) action_entities: Option<Entities>,
+    /// The policies by scope, when the set is large enough for it to pay.
+    index: Option<PolicyIndex>,
 }
 
 impl PolicySnapshot {
@@ -108,7 +113,11 @@ impl PolicySnapshot {
         for policy in policies.policies() {
             literals.extend(policy.entity_literals());
         }
+        let index = (policies.num_of_policies() >= options.policy_index_min)
+            .then(|| PolicyIndex::new(&policies))
+            .flatten();
         PolicySnapshot {
+            index,
             declared_actions: schema
                 .as_ref()
                 .map(|schema| schema.actions().cloned().collect())
@@ -138,6 +147,37 @@ impl PolicySnapshot {
                 .action_entities
                 .as_ref()
                 .is_some_and(|actions| actions.get(uid).is_some())
+    }
+
+    /// Cedar's answer to `request` from this policy set: the same as
+    /// `authorizer.is_authorized(request, &self.policies, entities)`, from
+    /// the policies whose scope can match when the set is indexed.
+    pub(crate) fn authorize(
+        &self,
+        authorizer: &Authorizer,
+        request: &Request,
+        entities: &Entities,
+    ) -> Response {
+        match &self.index {
+            Some(index) => index.authorize(authorizer, request, entities, &self.policies),
+            None => authorizer.is_authorized(request, &self.policies, entities),
+        }
+    }
+
+    /// Whether decisions go through the policy index.
+    pub fn indexed(&self) -> bool {
+        self.index.is_some()
+    }
+
+    /// How many policies the index would evaluate for `request` (`None`
+    /// when the set is not indexed or the request is not concrete). For
+    /// tests and benchmarks.
+    #[doc(hidden)]
+    pub fn candidate_count(&self, request: &Request, entities: &Entities) -> Option<usize> {
+        self.index
+            .as_ref()?
+            .candidates(request, entities)
+            .map(|candidates| candidates.len())
     }
 }
 
