@@ -43,8 +43,9 @@ use std::time::{Duration, Instant};
 
 use cedar_policy::{Entities, Entity, EntityUid, EvalResult, RestrictedExpression};
 
-use super::hierarchy::{self, DEFAULT_MAX_HIERARCHY_DEPTH};
-use super::snapshot::{entity_references, refuse_overlay_parent};
+use super::hierarchy::DEFAULT_MAX_HIERARCHY_DEPTH;
+pub use super::slice::{MaterializeError, SliceError};
+use super::slice::{SliceGraph, entity_references, refuse_overlay_parent};
 use smol_str::SmolStr;
 
 /// An attribute or tag value as stored: Cedar's values, compactly. Short
@@ -150,51 +151,6 @@ impl UidInterner {
         let shared = Arc::new(uid);
         self.uids.insert(shared.clone());
         shared
-    }
-}
-
-/// A stored entity that Cedar refused to rebuild. Its values came from a
-/// Cedar entity, so this is not expected; a decision that meets it fails
-/// closed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("stored entity could not be rebuilt for Cedar: {0}")]
-pub struct MaterializeError(String);
-
-/// Why a slice could not be handed to Cedar.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SliceError {
-    #[error(transparent)]
-    Materialize(#[from] MaterializeError),
-    #[error(transparent)]
-    Hierarchy(#[from] hierarchy::HierarchyError),
-    #[error(
-        "entity `{parent}` is a parent of the stored entity `{child}`: a request may not add it (`request_entities = \"add\"`)"
-    )]
-    OverlayParent {
-        parent: Box<EntityUid>,
-        child: Box<EntityUid>,
-    },
-}
-
-/// The parent edges of a slice's entities, measured before Cedar computes
-/// their closure.
-#[derive(Default)]
-pub(crate) struct SliceGraph {
-    nodes: Vec<EntityUid>,
-    parents: Vec<Vec<EntityUid>>,
-}
-
-impl SliceGraph {
-    pub(crate) fn add(&mut self, uid: EntityUid, parents: Vec<EntityUid>) {
-        self.nodes.push(uid);
-        self.parents.push(parents);
-    }
-
-    pub(crate) fn check(&self, max_depth: u32) -> Result<(), hierarchy::HierarchyError> {
-        if self.nodes.is_empty() {
-            return Ok(());
-        }
-        hierarchy::check(&self.nodes, |at| self.parents[at].iter(), |_| 0, max_depth)
     }
 }
 
@@ -1496,7 +1452,10 @@ pub(crate) mod tests {
         assert!(
             matches!(
                 error,
-                SliceError::Hierarchy(hierarchy::HierarchyError::TooDeep { max: 32, .. })
+                SliceError::Hierarchy(crate::engine::hierarchy::HierarchyError::TooDeep {
+                    max: 32,
+                    ..
+                })
             ),
             "{error}"
         );

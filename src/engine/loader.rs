@@ -17,7 +17,10 @@ use sha2::{Digest, Sha256};
 
 use super::error::{LoadDiagnostic, LoadError};
 use super::hierarchy;
-use super::request_overlay::{self, RequestEntitiesMode, RequestLimits};
+pub use super::options::{
+    DEFAULT_DECISION_CACHE_CAPACITY, DEFAULT_SLICE_CACHE_CAPACITY, LoadOptions, OnEvaluationError,
+};
+use super::request_overlay;
 use super::snapshot::{EntityData, PolicySnapshot, Snapshot};
 
 /// The example in `policies/`, compiled into the binary: `(relative path, text)`.
@@ -50,85 +53,6 @@ impl Sources {
             .flatten()
             .cloned()
             .collect()
-    }
-}
-
-/// Switches that change what a load accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LoadOptions {
-    /// Require policies to pass strict validation against the schema.
-    pub validate_policies: bool,
-    /// Validate every request against the schema.
-    pub validate_requests: bool,
-    /// What a policy evaluation error does to the decision.
-    pub on_evaluation_error: OnEvaluationError,
-    /// Decisions remembered per snapshot (0 turns the cache off).
-    pub decision_cache_capacity: u64,
-    /// Entities held in prepared slices of synced data, across all cached
-    /// slices (0 turns the slice cache off).
-    pub slice_cache_capacity: u64,
-    /// How a request's own entities combine with the stored ones.
-    pub request_entities: RequestEntitiesMode,
-    /// Bounds on requests and on every entity hierarchy.
-    pub limits: RequestLimits,
-    /// Policy count from which decisions evaluate only the policies whose
-    /// scope can match (the policy index); 0 indexes every set.
-    pub policy_index_min: usize,
-}
-
-/// The default size of the per-snapshot decision cache.
-pub const DEFAULT_DECISION_CACHE_CAPACITY: u64 = 65_536;
-
-/// The default size of the slice cache, in entities: about 2,000 slices of
-/// a user in 10 groups of a 3-level hierarchy (~33 entities each), ~90 MB
-/// (`benches/identity.rs` measured 45.6 KB resident per such slice).
-pub const DEFAULT_SLICE_CACHE_CAPACITY: u64 = 65_536;
-
-/// What a policy that errors during evaluation does to a decision.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum OnEvaluationError {
-    /// Cedar's decision, except that an erroring forbid denies: an erroring
-    /// permit is skipped (it grants nothing, so skipping it cannot let a
-    /// request through that another policy does not allow), while a
-    /// guardrail that could not be evaluated must not let a request
-    /// through. The default.
-    #[default]
-    SkipPermit,
-    /// Fail closed on any error: an allow reached while any policy errored
-    /// becomes a deny, even when the erroring policy was a permit.
-    Deny,
-    /// Cedar's own semantics: the erroring policy is skipped and the others
-    /// decide. An erroring forbid then no longer blocks a satisfied permit.
-    SkipPolicy,
-}
-
-impl std::str::FromStr for OnEvaluationError {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "skip-permit" => Ok(OnEvaluationError::SkipPermit),
-            "deny" => Ok(OnEvaluationError::Deny),
-            "skip-policy" => Ok(OnEvaluationError::SkipPolicy),
-            other => Err(format!(
-                "`{other}` is not an evaluation error mode; expected `skip-permit`, `deny` or `skip-policy`"
-            )),
-        }
-    }
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions {
-            validate_policies: true,
-            validate_requests: true,
-            on_evaluation_error: OnEvaluationError::default(),
-            decision_cache_capacity: DEFAULT_DECISION_CACHE_CAPACITY,
-            slice_cache_capacity: DEFAULT_SLICE_CACHE_CAPACITY,
-            request_entities: RequestEntitiesMode::default(),
-            limits: RequestLimits::default(),
-            policy_index_min: super::policy_index::DEFAULT_POLICY_INDEX_MIN,
-        }
     }
 }
 

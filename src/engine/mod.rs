@@ -12,9 +12,11 @@ pub mod entity_store;
 mod error;
 pub mod hierarchy;
 pub mod loader;
+mod options;
 mod policy_index;
 mod request_entities;
 pub mod request_overlay;
+mod slice;
 mod slice_cache;
 mod snapshot;
 

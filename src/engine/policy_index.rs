@@ -30,13 +30,7 @@ use cedar_policy::{
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// From this many policies on, decisions go through the index; below it the
-/// whole set is evaluated. The smallest multi-tenant set measured, 23
-/// policies, already gained (27 against 37 µs per uncached decision,
-/// `benches/policy_index.rs`, "threshold"); smaller sets were not measured
-/// and keep Cedar's plain path (the embedded example set, 20 policies,
-/// among them).
-pub const DEFAULT_POLICY_INDEX_MIN: usize = 23;
+pub use super::options::DEFAULT_POLICY_INDEX_MIN;
 
 /// Policies held, in all, by the memoised candidate sets.
 const CANDIDATE_SETS_CAPACITY: u64 = 262_144;

@@ -12,100 +12,11 @@ use serde_json::Value;
 
 use super::error::{RequestError, RequestField};
 use super::hierarchy;
+pub use super::options::{
+    DEFAULT_HEAVY_QUEUE, DEFAULT_MAX_REQUEST_ANCESTORS, DEFAULT_MAX_REQUEST_ENTITIES,
+    MAX_REQUEST_ENTITIES_CEILING, RequestEntitiesMode, RequestLimits, default_heavy_workers,
+};
 use super::snapshot::{EntityData, PolicySnapshot};
-
-/// The default of `max_request_entities`.
-pub const DEFAULT_MAX_REQUEST_ENTITIES: usize = 1_000;
-
-/// How a request's entities combine with the stored ones.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum RequestEntitiesMode {
-    /// A request may add entities the store does not hold (a resource the
-    /// caller describes, a context entity). It may not describe a stored
-    /// entity, an action, or the request's principal, and an entity it adds
-    /// may not be a parent of a stored entity. The default.
-    #[default]
-    Add,
-    /// A request's copy of a stored entity only adds the attributes the
-    /// stored one lacks, and adds its parents to the stored parents (the
-    /// adapters' fill-in merge). Actions stay the schema's.
-    Merge,
-    /// A request's copy replaces the stored one for this decision: for
-    /// deployments with no identity store, where the caller is the source.
-    Replace,
-}
-
-impl RequestEntitiesMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestEntitiesMode::Add => "add",
-            RequestEntitiesMode::Merge => "merge",
-            RequestEntitiesMode::Replace => "replace",
-        }
-    }
-}
-
-impl std::str::FromStr for RequestEntitiesMode {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "add" => Ok(RequestEntitiesMode::Add),
-            "merge" => Ok(RequestEntitiesMode::Merge),
-            "replace" => Ok(RequestEntitiesMode::Replace),
-            other => Err(format!(
-                "`{other}` is not a request entities mode; expected `add`, `merge` or `replace`"
-            )),
-        }
-    }
-}
-
-/// What one request may carry, and how deep any hierarchy may be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestLimits {
-    /// Entities in one request's `entities_json`.
-    pub max_request_entities: usize,
-    /// The longest chain of parents any entity may have, wherever it comes
-    /// from (request, entities file, identity store).
-    pub max_hierarchy_depth: u32,
-    /// (entity, ancestor) pairs among one request's entities: the size of
-    /// the closure Cedar computes over them.
-    pub max_request_ancestors: usize,
-    /// Threads that decide requests carrying their own entities (the
-    /// adapters' bounded pool; the engine itself runs where it is called).
-    pub heavy_workers: usize,
-    /// Such requests that may wait for one of those threads; more are shed.
-    pub heavy_queue: usize,
-}
-
-/// The default of `max_request_ancestors`: a thousand resources, each in
-/// a folder path ten deep, fit.
-pub const DEFAULT_MAX_REQUEST_ANCESTORS: usize = 10_000;
-
-/// The most `max_request_entities` may be set to: the closure count takes
-/// a bit per pair of a request's entities (12.5 MB at this ceiling).
-pub const MAX_REQUEST_ENTITIES_CEILING: usize = 10_000;
-
-/// The default of `heavy_queue`.
-pub const DEFAULT_HEAVY_QUEUE: usize = 64;
-
-/// The default of `heavy_workers`: half the cores (at least one), so that
-/// heavy requests leave the other half to ordinary ones.
-pub fn default_heavy_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 2).max(1))
-}
-
-impl Default for RequestLimits {
-    fn default() -> Self {
-        RequestLimits {
-            max_request_entities: DEFAULT_MAX_REQUEST_ENTITIES,
-            max_hierarchy_depth: hierarchy::DEFAULT_MAX_HIERARCHY_DEPTH,
-            max_request_ancestors: DEFAULT_MAX_REQUEST_ANCESTORS,
-            heavy_workers: default_heavy_workers(),
-            heavy_queue: DEFAULT_HEAVY_QUEUE,
-        }
-    }
-}
 
 /// Parses `entities_json` within `limits`: counted and its hierarchy
 /// measured on the JSON, before Cedar computes anything over it. Returns

@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::decision_cache::DecisionCache;
-use super::entity_store::{EntityStore, MaterializeError, SliceError, SliceGraph};
-use super::loader::{LoadOptions, OnEvaluationError};
-use super::request_overlay::{RequestEntitiesMode, RequestLimits};
+use super::entity_store::EntityStore;
+use super::options::{LoadOptions, OnEvaluationError, RequestEntitiesMode, RequestLimits};
 use super::policy_index::PolicyIndex;
-use super::slice_cache::SliceCache;
-use cedar_policy::{
-    Authorizer, Entities, Entity, EntityUid, EvalResult, PolicySet, Request, Response, Schema,
+pub(crate) use super::slice::collect_uids;
+use super::slice::{
+    MaterializeError, SliceError, SliceGraph, entity_references, refuse_overlay_parent,
 };
+use super::slice_cache::SliceCache;
+use cedar_policy::{Authorizer, Entities, Entity, EntityUid, PolicySet, Request, Response, Schema};
 
 /// Everything one decision needs, swapped as one unit so that a request sees
 /// the whole old state or the whole new state, never a mix.
@@ -355,53 +356,5 @@ impl EntityData {
         }
         graph.check(max_depth)?;
         Ok(slice)
-    }
-}
-
-/// Refuses a request entity in the place of a stored entity's parent.
-pub(crate) fn refuse_overlay_parent<'a>(
-    child: &EntityUid,
-    parents: impl IntoIterator<Item = &'a EntityUid>,
-    overlay: &Entities,
-) -> Result<(), SliceError> {
-    match parents
-        .into_iter()
-        .find(|parent| overlay.get(parent).is_some())
-    {
-        Some(parent) => Err(SliceError::OverlayParent {
-            parent: Box::new(parent.clone()),
-            child: Box::new(child.clone()),
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Every entity uid an entity's attributes and tags name.
-pub(crate) fn entity_references(entity: &Entity, out: &mut Vec<EntityUid>) {
-    for (_, value) in entity.attrs().chain(entity.tags()) {
-        if let Ok(value) = value {
-            collect_uids(&value, out);
-        }
-    }
-}
-
-/// Every entity uid inside a value (sets and records included).
-pub(crate) fn collect_uids(value: &EvalResult, out: &mut Vec<EntityUid>) {
-    match value {
-        EvalResult::EntityUid(uid) => out.push(uid.clone()),
-        EvalResult::Set(set) => {
-            for item in set.iter() {
-                collect_uids(item, out);
-            }
-        }
-        EvalResult::Record(record) => {
-            for (_, item) in record.iter() {
-                collect_uids(item, out);
-            }
-        }
-        EvalResult::Bool(_)
-        | EvalResult::Long(_)
-        | EvalResult::String(_)
-        | EvalResult::ExtensionValue(_) => {}
     }
 }
