@@ -111,6 +111,9 @@ fn find<'a>(cases: &'a [Case], file: &str, name: &str) -> &'a Case {
 fn engine(decision_cache_capacity: u64) -> Engine {
     let options = LoadOptions {
         decision_cache_capacity,
+        // The fixtures' entities are the author's data, as `arbiter test`
+        // loads them (some restate or invent users).
+        request_entities: arbiter::engine::RequestEntitiesMode::Replace,
         ..LoadOptions::default()
     };
     let (snapshot, _report) =

@@ -40,23 +40,30 @@ fn entities_with_chain(n: usize) -> String {
     serde_json::to_string_pretty(&Value::Array(entities)).unwrap()
 }
 
+/// `arbiter SUBCOMMAND` on the example policies and schema with `entities`,
+/// and `extra` flags.
+fn arbiter_on(subcommand: &str, entities: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .arg(subcommand)
+        .arg("--policies")
+        .arg(example())
+        .arg("--schema")
+        .arg(example().join("schema.cedarschema"))
+        .arg("--entities")
+        .arg(entities)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn serve_refuses_a_chain_in_the_entities_file_at_start_with_exit_3() {
     let dir = tempfile::tempdir().unwrap();
     for n in [4_000, 30_000] {
         let file = dir.path().join(format!("entities-{n}.json"));
         std::fs::write(&file, entities_with_chain(n)).unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_arbiter"))
-            .arg("serve")
-            .arg("--policies")
-            .arg(example())
-            .arg("--schema")
-            .arg(example().join("schema.cedarschema"))
-            .arg("--entities")
-            .arg(&file)
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .output()
-            .unwrap();
+        let listen = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+        let output = arbiter_on("serve", &file, &listen);
         let stderr = String::from_utf8_lossy(&output.stderr);
         // An exit code, not a signal (an abort has none).
         assert_eq!(output.status.code(), Some(3), "{n}: {stderr}");
@@ -64,16 +71,7 @@ fn serve_refuses_a_chain_in_the_entities_file_at_start_with_exit_3() {
         assert!(stderr.contains("`max_hierarchy_depth` is 32"), "{stderr}");
         assert!(stderr.contains("Saas::Role::\"chain-"), "{stderr}");
         // `arbiter validate` says the same, with the line of the entity.
-        let output = Command::new(env!("CARGO_BIN_EXE_arbiter"))
-            .arg("validate")
-            .arg("--policies")
-            .arg(example())
-            .arg("--schema")
-            .arg(example().join("schema.cedarschema"))
-            .arg("--entities")
-            .arg(&file)
-            .output()
-            .unwrap();
+        let output = arbiter_on("validate", &file, &[]);
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),
@@ -85,17 +83,7 @@ fn serve_refuses_a_chain_in_the_entities_file_at_start_with_exit_3() {
     // A higher limit, within its ceiling, accepts a deeper chain.
     let file = dir.path().join("entities-100.json");
     std::fs::write(&file, entities_with_chain(100)).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_arbiter"))
-        .arg("validate")
-        .arg("--policies")
-        .arg(example())
-        .arg("--schema")
-        .arg(example().join("schema.cedarschema"))
-        .arg("--entities")
-        .arg(&file)
-        .args(["--max-hierarchy-depth", "128"])
-        .output()
-        .unwrap();
+    let output = arbiter_on("validate", &file, &["--max-hierarchy-depth", "128"]);
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     // Above the ceiling the flag itself is refused.
     let output = Command::new(env!("CARGO_BIN_EXE_arbiter"))

@@ -128,7 +128,7 @@ pub(crate) fn apply_mode(
         RequestEntitiesMode::Replace => Ok(overlay),
         RequestEntitiesMode::Add => {
             for uid in supplied {
-                if policies.is_action(uid) {
+                if is_action(policies, uid) {
                     return Err(refused(uid, "is an action; actions come from the schema"));
                 }
                 if uid == principal {
@@ -144,7 +144,7 @@ pub(crate) fn apply_mode(
             Ok(overlay)
         }
         RequestEntitiesMode::Merge => {
-            if let Some(action) = supplied.iter().find(|uid| policies.is_action(uid)) {
+            if let Some(action) = supplied.iter().find(|uid| is_action(policies, uid)) {
                 return Err(RequestError::invalid(
                     RequestField::Entities,
                     format!("entity `{action}` is an action; actions come from the schema"),
@@ -169,6 +169,13 @@ pub(crate) fn apply_mode(
                 .map_err(|error| RequestError::invalid(RequestField::Entities, error))
         }
     }
+}
+
+/// An action the schema declares, or any entity of an action type
+/// (`Action`, `Ns::Action`): without a schema, synced data has no actions,
+/// and a request that made up an action group could put an action in it.
+fn is_action(policies: &PolicySnapshot, uid: &EntityUid) -> bool {
+    uid.type_name().basename() == "Action" || policies.is_action(uid)
 }
 
 fn refused(uid: &EntityUid, why: &str) -> RequestError {
@@ -319,6 +326,42 @@ mod tests {
         let odd: Vec<Value> =
             serde_json::from_str(r#"[{"uid": {"type": "G", "id": "a"}, "parents": [7]}]"#).unwrap();
         assert!(graph(&odd).unwrap_err().contains("`parents[0]`"));
+    }
+
+    #[test]
+    fn without_a_schema_any_entity_of_an_action_type_is_refused_under_add_and_merge() {
+        use std::sync::Arc;
+        let policies = PolicySnapshot::new(
+            cedar_policy::PolicySet::new(),
+            None,
+            Arc::from("p"),
+            super::super::LoadOptions::default(),
+        );
+        let data = EntityData::new(Entities::empty(), Arc::from("d"));
+        let json = r#"[{"uid": {"type": "Ns::Action", "id": "delete"}, "attrs": {},
+                        "parents": [{"type": "Ns::Action", "id": "admin_actions"}]}]"#;
+        let principal: EntityUid = r#"Ns::User::"u""#.parse().unwrap();
+        for mode in [RequestEntitiesMode::Add, RequestEntitiesMode::Merge] {
+            let (overlay, supplied) = parse(json, None, &RequestLimits::default()).unwrap();
+            let error = apply_mode(mode, overlay, &supplied, &data, &policies, &principal, None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(r#"Ns::Action::"delete""#),
+                "{mode:?}: {error}"
+            );
+        }
+        let (overlay, supplied) = parse(json, None, &RequestLimits::default()).unwrap();
+        let replaced = apply_mode(
+            RequestEntitiesMode::Replace,
+            overlay,
+            &supplied,
+            &data,
+            &policies,
+            &principal,
+            None,
+        );
+        assert!(replaced.is_ok());
     }
 
     #[test]
