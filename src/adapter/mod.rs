@@ -3,6 +3,7 @@
 //! [`CheckInput`](crate::engine::CheckInput), asks the engine, and turns the
 //! [`Decision`](crate::engine::Decision) or error back into a wire answer.
 
+pub mod admission;
 pub mod authorizer;
 pub mod caller;
 pub mod connection;

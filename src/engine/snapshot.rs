@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::decision_cache::DecisionCache;
 use super::entity_store::{EntityStore, MaterializeError, SliceError, SliceGraph};
 use super::loader::{LoadOptions, OnEvaluationError};
-use super::request_overlay::{RequestEntitiesMode, RequestLimits};
 use super::policy_index::PolicyIndex;
+use super::request_overlay::{RequestEntitiesMode, RequestLimits};
 use super::slice_cache::SliceCache;
 use cedar_policy::{
     Authorizer, Entities, Entity, EntityUid, EvalResult, PolicySet, Request, Response, Schema,
