@@ -110,6 +110,11 @@ pub struct ServeArgs {
     /// RESOURCE_EXHAUSTED at once [default: 1024].
     #[arg(long, env = "ARBITER_MAX_IN_FLIGHT", value_name = "N")]
     pub max_in_flight: Option<usize>,
+    /// Serve a policy set with no policies (everything denied); without it
+    /// such a set is refused at start and on reload (the last good set
+    /// keeps serving).
+    #[arg(long, env = "ARBITER_ALLOW_EMPTY_POLICIES")]
+    pub allow_empty_policies: bool,
     /// The largest gRPC request message, in bytes, on both APIs
     /// [default: 4194304].
     #[arg(long, env = "ARBITER_MAX_MESSAGE_BYTES", value_name = "BYTES")]
@@ -196,6 +201,8 @@ pub struct ConfigFile {
     pub uds_mode: Option<String>,
     /// `add` (default), `merge` or `replace`: see `--request-entities`.
     pub request_entities: Option<String>,
+    /// Serve a policy set with no policies (see `--allow-empty-policies`).
+    pub allow_empty_policies: Option<bool>,
     /// `[limits]`: bounds on requests and hierarchies.
     pub limits: Option<LimitsFile>,
     /// `[tls]`: TLS on the gRPC TCP listener.
@@ -519,6 +526,8 @@ impl ServeArgs {
                 request_entities,
                 limits,
                 policy_index_min: crate::engine::DEFAULT_POLICY_INDEX_MIN,
+                allow_empty_policies: self.allow_empty_policies
+                    || file.allow_empty_policies.unwrap_or(false),
             },
             listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
             admin_listen: self
