@@ -283,3 +283,42 @@ async fn a_reload_to_no_policies_is_refused_unless_allowed() {
         server.stop().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn errors_quote_a_bounded_prefix_of_large_inputs() {
+    let server = TestServer::start(common::config(Default::default())).await;
+    let mut client = server.client().await;
+    // Over the context limit (3 MB), under it but invalid (200 KB, which
+    // Cedar's diagnostic quotes), and a 1 MB id.
+    let mut huge_ip = allowed();
+    huge_ip.context_json = format!(
+        r#"{{"mfa": true, "source_ip": "{}"}}"#,
+        "1".repeat(3 * 1024 * 1024)
+    );
+    let mut large_ip = allowed();
+    large_ip.context_json = format!(
+        r#"{{"mfa": true, "source_ip": "{}"}}"#,
+        "1".repeat(200 * 1024)
+    );
+    let mut long_id = allowed();
+    long_id.principal.as_mut().unwrap().id = "b".repeat(1024 * 1024);
+    for (request, field) in [
+        (huge_ip, "context_json"),
+        (large_ip, "context_json"),
+        (long_id, "principal"),
+    ] {
+        let status = client.check(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with(&format!("`{field}`")),
+            "{}",
+            &status.message()[..status.message().len().min(300)]
+        );
+        assert!(
+            status.message().len() <= 2 * 1024,
+            "a {} byte message",
+            status.message().len()
+        );
+    }
+    server.stop().await.unwrap();
+}

@@ -48,14 +48,7 @@ pub const QUOTED_PREFIX_BYTES: usize = 256;
 /// `text`, or its first [`QUOTED_PREFIX_BYTES`] (cut at a character
 /// boundary) and its length, so a message never echoes a large input.
 pub fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.len() <= QUOTED_PREFIX_BYTES {
-        return text.into();
-    }
-    let mut end = QUOTED_PREFIX_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &text[..end], text.len()).into()
+    crate::engine::bounded(text, QUOTED_PREFIX_BYTES)
 }
 
 /// The caller is not in `tls.allowed_callers` / `uds.allowed_uids`.
