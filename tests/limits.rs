@@ -322,3 +322,49 @@ async fn errors_quote_a_bounded_prefix_of_large_inputs() {
     }
     server.stop().await.unwrap();
 }
+
+async fn raw_check(server: &TestServer, body: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel(server).await);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(body),
+        tonic::codegen::http::uri::PathAndQuery::from_static(CHECK),
+        RawCodec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn undecodable_messages_are_invalid_argument() {
+    let server = TestServer::start(common::config(Default::default())).await;
+    let good = allowed().encode_to_vec();
+    // Field 4 (`context_json`, a string) holding bytes that are not UTF-8.
+    let mut not_utf8 = good.clone();
+    not_utf8.extend_from_slice(&[4 << 3 | 2, 2, 0xff, 0xfe]);
+    let truncated = good[..good.len() - 3].to_vec();
+    // Bytes no CheckRequest starts with: field 0 is invalid.
+    let random = vec![0x00, 0x9c, 0x11, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+    for (name, body) in [
+        ("invalid UTF-8", not_utf8),
+        ("truncated", truncated),
+        ("random", random),
+    ] {
+        let status = raw_check(&server, body).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{name}: {status:?}"
+        );
+        assert!(
+            status.message().contains("cannot be decoded"),
+            "{name}: {}",
+            status.message()
+        );
+    }
+    // The same bytes, whole, are answered.
+    let answer = raw_check(&server, good).await.unwrap();
+    let answer = arbiter::proto::v1::CheckResponse::decode(answer.as_slice()).unwrap();
+    assert_eq!(answer.decision(), Decision::Allow);
+    server.stop().await.unwrap();
+}

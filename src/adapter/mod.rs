@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod authorizer;
 pub mod caller;
+pub mod codec;
 pub mod connection;
 pub mod decision_log;
 pub mod ext_authz;

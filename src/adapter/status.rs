@@ -72,3 +72,11 @@ pub fn too_many_in_flight(max: usize) -> Status {
         "too many calls in flight ({max}; `max_in_flight`): retry later"
     ))
 }
+
+/// A request message that is not valid protobuf for its type.
+pub fn undecodable(detail: &str) -> Status {
+    Status::invalid_argument(format!(
+        "the request message cannot be decoded: {}",
+        bounded(detail)
+    ))
+}
