@@ -438,6 +438,10 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            // The batches below restate bob, a stored user: under the
+            // default `add` that is refused before any work.
+            "--request-entities",
+            "replace",
         ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
