@@ -166,10 +166,21 @@ async fn calls_beyond_max_in_flight_are_shed_at_once() {
 /// client ends a call with an expired deadline itself, never sending it);
 /// the answer's `grpc-status`.
 async fn check_with_timeout(server: &TestServer, timeout: &str) -> String {
+    check_with_timeout_on(server, timeout, None).await
+}
+
+/// As [`check_with_timeout`]; with `streams`, also checks the server's
+/// announced `SETTINGS_MAX_CONCURRENT_STREAMS` once the answer is in.
+async fn check_with_timeout_on(
+    server: &TestServer,
+    timeout: &str,
+    streams: Option<usize>,
+) -> String {
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
     let mut client = client.ready().await.unwrap();
+    let announced = client.clone();
     let request = tonic::codegen::http::Request::post(format!("http://{}{CHECK}", server.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -183,6 +194,9 @@ async fn check_with_timeout(server: &TestServer, timeout: &str) -> String {
     frame.extend_from_slice(&message);
     body.send_data(frame.into(), true).unwrap();
     let response = response.await.unwrap();
+    if let Some(streams) = streams {
+        assert_eq!(announced.current_max_send_streams(), streams);
+    }
     if let Some(status) = response.headers().get("grpc-status") {
         return status.to_str().unwrap().to_owned();
     }
@@ -366,5 +380,27 @@ async fn undecodable_messages_are_invalid_argument() {
     let answer = raw_check(&server, good).await.unwrap();
     let answer = arbiter::proto::v1::CheckResponse::decode(answer.as_slice()).unwrap();
     assert_eq!(answer.decision(), Decision::Allow);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn http2_limits_are_what_the_server_announces() {
+    let mut config = common::config(Default::default());
+    config.transport.max_concurrent_streams = 7;
+    config.transport.max_header_list_bytes = 8 * 1024;
+    let server = TestServer::start(config).await;
+    // One call over plain HTTP/2, then the server's SETTINGS are known.
+    assert_eq!(check_with_timeout_on(&server, "30S", Some(7)).await, "0");
+    // Metadata over the header list limit is refused; under it, served.
+    let mut client = server.client().await;
+    let mut big = tonic::Request::new(allowed());
+    big.metadata_mut()
+        .insert("x-padding", "p".repeat(16 * 1024).parse().unwrap());
+    assert!(client.check(big).await.is_err());
+    let mut small = tonic::Request::new(allowed());
+    small
+        .metadata_mut()
+        .insert("x-padding", "p".repeat(1024).parse().unwrap());
+    assert!(client.check(small).await.is_ok());
     server.stop().await.unwrap();
 }
