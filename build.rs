@@ -29,7 +29,9 @@ fn compile_protos(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(protos, ["proto"])?;
     let encoded = prost::Message::encode_to_vec(&fds);
     std::fs::write(out_dir.join("arbiter_descriptor.bin"), encoded)?;
+    // Undecodable requests are INVALID_ARGUMENT (src/adapter/codec.rs).
     tonic_prost_build::configure()
+        .codec_path("crate::adapter::codec::Codec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::adapter::admission::{AdmissionConfig, AdmissionLayer};
 use crate::adapter::authorizer::AuthorizerService;
 use crate::adapter::connection::Unvectored;
 use crate::adapter::decision_log::DecisionLogService;
@@ -50,6 +51,38 @@ pub struct ServeConfig {
     pub decision_log: DecisionLogConfig,
     /// Entity data synced from an identity store instead of the entities file.
     pub identity: Option<IdentityConfig>,
+    /// Who may call, and the in-flight limit, on every gRPC listener.
+    pub admission: AdmissionConfig,
+    /// gRPC and HTTP/2 limits of every gRPC listener.
+    pub transport: TransportLimits,
+}
+
+/// gRPC and HTTP/2 limits, the same on every gRPC listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// The largest request message on both APIs; larger is `OUT_OF_RANGE`.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams one connection may have open.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 header list (the call's metadata) a client may send.
+    pub max_header_list_bytes: u32,
+    /// HTTP/2 PING interval, and how long an unanswered PING keeps the
+    /// connection: a peer that vanished is dropped.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            // tonic's own default, stated.
+            max_message_bytes: 4 * 1024 * 1024,
+            max_concurrent_streams: 256,
+            max_header_list_bytes: 64 * 1024,
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 /// TLS on the gRPC TCP listener, from PEM files. With `client_ca`, every
@@ -121,6 +154,8 @@ impl Default for ServeConfig {
             tls: None,
             decision_log: DecisionLogConfig::disabled(),
             identity: None,
+            admission: AdmissionConfig::default(),
+            transport: TransportLimits::default(),
         }
     }
 }
@@ -295,21 +330,46 @@ impl Server {
         }
         let mut routes = tonic::service::Routes::new(health_service)
             .add_service(reflection)
-            .add_service(AuthorizerServer::new(authorizer))
-            .add_service(DecisionLogServer::new(DecisionLogService::new(
-                decision_log.tail_source(),
-                stop_rx.clone(),
-            )));
+            .add_service(
+                AuthorizerServer::new(authorizer)
+                    .max_decoding_message_size(config.transport.max_message_bytes),
+            )
+            .add_service(
+                DecisionLogServer::new(DecisionLogService::new(
+                    decision_log.tail_source(),
+                    stop_rx.clone(),
+                ))
+                .max_decoding_message_size(config.transport.max_message_bytes),
+            );
         if let Some(ext_authz) = &config.ext_authz {
             let service = ext_authz
                 .build(engine.clone(), decision_metrics.clone())?
                 .with_decision_log(decision_log.logger());
-            routes = routes.add_service(service.into_server());
+            routes = routes.add_service(
+                service
+                    .into_server()
+                    .max_decoding_message_size(config.transport.max_message_bytes),
+            );
         }
-        let mut builder = tonic::transport::Server::builder();
+        // Both listeners share one in-flight count.
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let transport = &config.transport;
+        let server = || {
+            tonic::transport::Server::builder()
+                .max_concurrent_streams(transport.max_concurrent_streams)
+                .http2_max_header_list_size(transport.max_header_list_bytes)
+                .http2_keepalive_interval(Some(transport.keepalive_interval))
+                .http2_keepalive_timeout(Some(transport.keepalive_timeout))
+        };
+        let mut builder = server();
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }
+        let mut builder = builder.layer(AdmissionLayer::new(
+            "tcp",
+            &config.admission,
+            in_flight.clone(),
+        ));
         let grpc_server = tokio::spawn(
             builder
                 .add_routes(routes.clone())
@@ -318,7 +378,8 @@ impl Server {
         // The same services on the Unix socket, drained with the TCP ones.
         let uds_server = uds.map(|listener| {
             tokio::spawn(
-                tonic::transport::Server::builder()
+                server()
+                    .layer(AdmissionLayer::new("uds", &config.admission, in_flight))
                     .add_routes(routes)
                     .serve_with_incoming_shutdown(
                         tokio_stream::StreamExt::map(

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::adapter::admission::{AdmissionConfig, CallerPattern, DEFAULT_MAX_IN_FLIGHT};
 use crate::adapter::ext_authz::ExtAuthzConfig;
-use crate::app::{ServeConfig, TlsConfig, UdsConfig};
+use crate::app::{ServeConfig, TlsConfig, TransportLimits, UdsConfig};
 use crate::decision_log::DecisionLogConfig;
 use crate::engine::loader::{DEFAULT_DECISION_CACHE_CAPACITY, DEFAULT_SLICE_CACHE_CAPACITY};
 use crate::engine::{
@@ -86,6 +87,38 @@ pub struct ServeArgs {
     /// Require client certificates issued by this PEM CA (mTLS).
     #[arg(long, env = "ARBITER_TLS_CLIENT_CA", value_name = "PEM")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Only clients whose certificate has a matching URI or DNS SAN may
+    /// call (repeat the flag; see the README for the pattern rule; needs
+    /// --tls-client-ca) [default: any certificate the CA signed].
+    #[arg(
+        long = "tls-allowed-caller",
+        env = "ARBITER_TLS_ALLOWED_CALLERS",
+        value_delimiter = ',',
+        value_name = "PATTERN"
+    )]
+    pub tls_allowed_callers: Vec<String>,
+    /// Only peers of the Unix socket with this uid may call (repeat the
+    /// flag) [default: anyone who can open the socket].
+    #[arg(
+        long = "uds-allowed-uid",
+        env = "ARBITER_UDS_ALLOWED_UIDS",
+        value_delimiter = ',',
+        value_name = "UID"
+    )]
+    pub uds_allowed_uids: Vec<u32>,
+    /// gRPC calls in flight over every listener; more are answered
+    /// RESOURCE_EXHAUSTED at once [default: 1024].
+    #[arg(long, env = "ARBITER_MAX_IN_FLIGHT", value_name = "N")]
+    pub max_in_flight: Option<usize>,
+    /// Serve a policy set with no policies (everything denied); without it
+    /// such a set is refused at start and on reload (the last good set
+    /// keeps serving).
+    #[arg(long, env = "ARBITER_ALLOW_EMPTY_POLICIES")]
+    pub allow_empty_policies: bool,
+    /// The largest gRPC request message, in bytes, on both APIs
+    /// [default: 4194304].
+    #[arg(long, env = "ARBITER_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub max_message_bytes: Option<usize>,
     /// What a request's own entities (`entities_json`) may do: `add`
     /// entities the store does not hold (the default), `merge` (fill in
     /// attributes a stored entity lacks, add parents) or `replace` stored
@@ -121,6 +154,12 @@ pub struct LimitsFile {
     pub max_request_ancestors: Option<usize>,
     pub heavy_workers: Option<usize>,
     pub heavy_queue: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    pub max_message_bytes: Option<usize>,
+    pub max_concurrent_streams: Option<u32>,
+    pub max_header_list_bytes: Option<u32>,
+    pub keepalive_interval_secs: Option<u64>,
+    pub keepalive_timeout_secs: Option<u64>,
 }
 
 /// `[tls]` in the config file.
@@ -130,6 +169,16 @@ pub struct TlsFile {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    /// SAN patterns of the clients allowed to call.
+    pub allowed_callers: Option<Vec<String>>,
+}
+
+/// `[uds]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdsFile {
+    /// Peer uids allowed on the Unix socket.
+    pub allowed_uids: Option<Vec<u32>>,
 }
 
 /// The `--config` file. Unknown keys are an error, so a typo is not ignored.
@@ -152,10 +201,14 @@ pub struct ConfigFile {
     pub uds_mode: Option<String>,
     /// `add` (default), `merge` or `replace`: see `--request-entities`.
     pub request_entities: Option<String>,
+    /// Serve a policy set with no policies (see `--allow-empty-policies`).
+    pub allow_empty_policies: Option<bool>,
     /// `[limits]`: bounds on requests and hierarchies.
     pub limits: Option<LimitsFile>,
     /// `[tls]`: TLS on the gRPC TCP listener.
     pub tls: Option<TlsFile>,
+    /// `[uds]`: who may call on the Unix socket.
+    pub uds: Option<UdsFile>,
     /// Envoy ext_authz mapping (see the README).
     pub ext_authz: Option<ExtAuthzConfig>,
     /// `[decision_log]`: see the README; logging to stdout when absent.
@@ -352,6 +405,96 @@ impl ServeArgs {
                 });
             }
         };
+        let allowed_callers = if self.tls_allowed_callers.is_empty() {
+            tls_file.allowed_callers
+        } else {
+            Some(self.tls_allowed_callers.clone())
+        };
+        let allowed_callers = match allowed_callers {
+            None => None,
+            Some(patterns) => {
+                if tls.as_ref().is_none_or(|tls| tls.client_ca.is_none()) {
+                    return Err(ConfigError::Invalid {
+                        key: "tls.allowed_callers",
+                        message: "needs client certificates: set `tls.client_ca` (--tls-client-ca)"
+                            .into(),
+                    });
+                }
+                if patterns.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        key: "tls.allowed_callers",
+                        message: "an empty list would refuse every caller".into(),
+                    });
+                }
+                let parsed = patterns
+                    .iter()
+                    .map(|p| CallerPattern::parse(p))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|message| ConfigError::Invalid {
+                        key: "tls.allowed_callers",
+                        message,
+                    })?;
+                Some(parsed)
+            }
+        };
+        let allowed_uids = if self.uds_allowed_uids.is_empty() {
+            file.uds.and_then(|uds| uds.allowed_uids)
+        } else {
+            Some(self.uds_allowed_uids.clone())
+        };
+        if allowed_uids.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ConfigError::Invalid {
+                key: "uds.allowed_uids",
+                message: "an empty list would refuse every caller".into(),
+            });
+        }
+        let max_in_flight = self
+            .max_in_flight
+            .or(limits_file.max_in_flight)
+            .unwrap_or(DEFAULT_MAX_IN_FLIGHT);
+        let transport_defaults = TransportLimits::default();
+        let transport = TransportLimits {
+            max_message_bytes: self
+                .max_message_bytes
+                .or(limits_file.max_message_bytes)
+                .unwrap_or(transport_defaults.max_message_bytes),
+            max_concurrent_streams: limits_file
+                .max_concurrent_streams
+                .unwrap_or(transport_defaults.max_concurrent_streams),
+            max_header_list_bytes: limits_file
+                .max_header_list_bytes
+                .unwrap_or(transport_defaults.max_header_list_bytes),
+            keepalive_interval: limits_file
+                .keepalive_interval_secs
+                .map_or(transport_defaults.keepalive_interval, Duration::from_secs),
+            keepalive_timeout: limits_file
+                .keepalive_timeout_secs
+                .map_or(transport_defaults.keepalive_timeout, Duration::from_secs),
+        };
+        for (key, value) in [
+            ("max_in_flight", max_in_flight as u64),
+            ("max_message_bytes", transport.max_message_bytes as u64),
+            (
+                "max_concurrent_streams",
+                u64::from(transport.max_concurrent_streams),
+            ),
+            (
+                "max_header_list_bytes",
+                u64::from(transport.max_header_list_bytes),
+            ),
+            (
+                "keepalive_interval_secs",
+                transport.keepalive_interval.as_secs(),
+            ),
+            (
+                "keepalive_timeout_secs",
+                transport.keepalive_timeout.as_secs(),
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero { key });
+            }
+        }
         let decision_log = file.decision_log.unwrap_or_default();
         let problems = decision_log.problems();
         if !problems.is_empty() {
@@ -383,6 +526,8 @@ impl ServeArgs {
                 request_entities,
                 limits,
                 policy_index_min: crate::engine::DEFAULT_POLICY_INDEX_MIN,
+                allow_empty_policies: self.allow_empty_policies
+                    || file.allow_empty_policies.unwrap_or(false),
             },
             listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
             admin_listen: self
@@ -408,6 +553,12 @@ impl ServeArgs {
             tls,
             ext_authz: file.ext_authz,
             identity: file.identity,
+            admission: AdmissionConfig {
+                allowed_callers,
+                allowed_uids,
+                max_in_flight,
+            },
+            transport,
         })
     }
 }
@@ -435,6 +586,74 @@ mod tests {
         assert_eq!(config.sources.policies, Some(dir.path().join("p.cedar")));
         assert!(!config.load.validate_policies);
         assert!(config.load.validate_requests);
+    }
+
+    #[test]
+    fn callers_and_transport_limits_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arbiter.toml");
+        std::fs::write(
+            &path,
+            r#"
+[tls]
+cert = "s.pem"
+key = "s.key"
+client_ca = "ca.pem"
+allowed_callers = ["spiffe://example.org/ns/app/*", "*.svc.cluster.local"]
+
+[uds]
+allowed_uids = [1000, 1001]
+
+[limits]
+max_in_flight = 8
+max_message_bytes = 65536
+max_concurrent_streams = 16
+"#,
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(
+            config.admission.allowed_callers.unwrap(),
+            vec![
+                CallerPattern::UriPrefix("spiffe://example.org/ns/app/".into()),
+                CallerPattern::DnsSuffix(".svc.cluster.local".into()),
+            ]
+        );
+        assert_eq!(config.admission.allowed_uids, Some(vec![1000, 1001]));
+        assert_eq!(config.admission.max_in_flight, 8);
+        assert_eq!(config.transport.max_message_bytes, 65536);
+        assert_eq!(config.transport.max_concurrent_streams, 16);
+        assert_eq!(
+            config.transport.keepalive_interval,
+            TransportLimits::default().keepalive_interval
+        );
+        // Flags win; a bad pattern, or callers without client certificates,
+        // are refused.
+        let flags = ServeArgs {
+            config: Some(path),
+            uds_allowed_uids: vec![7],
+            tls_allowed_callers: vec!["a.*.org".into()],
+            ..ServeArgs::default()
+        };
+        let error = flags.resolve().unwrap_err().to_string();
+        assert!(error.contains("a.*.org"), "{error}");
+        let no_ca = ServeArgs {
+            tls_cert: Some("s.pem".into()),
+            tls_key: Some("s.key".into()),
+            tls_allowed_callers: vec!["web.example.org".into()],
+            ..ServeArgs::default()
+        };
+        assert!(
+            no_ca
+                .resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("client_ca")
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve decisions over gRPC (the default when no subcommand is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check that policies, schema and entities load and validate.
     Validate(SourceArgs),
     /// Answer one request locally, without a server.
@@ -42,7 +42,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     arbiter::telemetry::init_logging(cli.log_json);
-    let code = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+    let code = match cli.command.unwrap_or(Command::Serve(Box::default())) {
         Command::Serve(args) => match tokio::runtime::Runtime::new() {
             Ok(runtime) => {
                 let code = runtime.block_on(cli::serve::run(&args));

@@ -109,7 +109,21 @@ pub fn load_and_publish(
     metrics: &ReloadMetrics,
     status: &LoadStatus,
 ) -> Result<(), LoadError> {
-    match loader::load(sources, options) {
+    let loaded = loader::load(sources, options).and_then(|(snapshot, report)| {
+        if snapshot.policies.policy_count() == 0 && !options.allow_empty_policies {
+            let name = sources
+                .policies
+                .as_ref()
+                .map_or_else(|| "<policies>".to_owned(), |p| p.display().to_string());
+            return Err(LoadError::one(
+                &name,
+                "no policies: every request would be denied (an unmounted volume?); \
+                 set `allow_empty_policies = true` to serve an empty set",
+            ));
+        }
+        Ok((snapshot, report))
+    });
+    match loaded {
         Ok((snapshot, report)) => {
             for warning in &report.warnings {
                 tracing::warn!(target: "arbiter::policy", "{warning}");

@@ -11,10 +11,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use arbiter::adapter::admission::CallerPattern;
 use arbiter::app::{ServeConfig, TlsConfig, UdsConfig};
 use arbiter::decision_log::{DecisionLogConfig, SinkConfig};
 use arbiter::proto::v1::authorizer_client::AuthorizerClient;
-use arbiter::proto::v1::{CheckRequest, Decision, EntityUid};
+use arbiter::proto::v1::decision_log_client::DecisionLogClient;
+use arbiter::proto::v1::{CheckRequest, Decision, EntityUid, TailRequest};
 use common::TestServer;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -52,6 +54,22 @@ fn leaf(ca: &Ca, dns: &[&str], uri: Option<&str>, cn: &str) -> (String, String) 
             .subject_alt_names
             .push(SanType::URI(uri.try_into().unwrap()));
     }
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A leaf valid only in 2020: expired.
+fn expired_leaf(ca: &Ca, uri: &str) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "expired");
+    params
+        .subject_alt_names
+        .push(SanType::URI(uri.try_into().unwrap()));
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 12, 31);
     let cert = params.signed_by(&key, &ca.issuer).unwrap();
     (cert.pem(), key.serialize_pem())
 }
@@ -208,6 +226,162 @@ async fn mtls_callers_are_named_by_their_spiffe_id_and_others_are_refused() {
         "a plaintext client got an answer from the TLS listener"
     );
     server.stop().await.unwrap();
+}
+
+/// `arbiter_callers_refused_total{listener=...}` as /metrics shows it.
+async fn refused_count(server: &TestServer, listener: &str) -> u64 {
+    let (_, metrics) = server.admin_get("/metrics").await;
+    let series = format!("arbiter_callers_refused_total{{listener=\"{listener}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_callers_get_answers_on_the_tls_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = new_ca("arbiter test CA");
+    let (server_cert, server_key) = leaf(&ca, &["localhost"], None, "arbiter");
+    let mut config = common::config(Default::default());
+    config.tls = Some(TlsConfig {
+        cert: write(dir.path(), "server.pem", &server_cert),
+        key: write(dir.path(), "server.key", &server_key),
+        client_ca: Some(write(dir.path(), "ca.pem", &ca.pem)),
+    });
+    config.admission.allowed_callers = Some(
+        [
+            SPIFFE_ID,
+            "spiffe://example.org/ns/batch/*",
+            "*.reports.svc",
+        ]
+        .iter()
+        .map(|p| CallerPattern::parse(p).unwrap())
+        .collect(),
+    );
+    let server = TestServer::spawn(config).await;
+    ready(&server).await;
+
+    // Allowed: the exact SPIFFE id, a URI prefix, a DNS wildcard.
+    for cert in [
+        leaf(&ca, &[], Some(SPIFFE_ID), "frontend"),
+        leaf(
+            &ca,
+            &[],
+            Some("spiffe://example.org/ns/batch/sa/nightly"),
+            "nightly",
+        ),
+        leaf(&ca, &["weekly.reports.svc"], None, "weekly"),
+    ] {
+        let mut client =
+            AuthorizerClient::new(tls_channel(&server, &ca.pem, Some(&cert)).await.unwrap());
+        let answer = client.check(request()).await.unwrap().into_inner();
+        assert_eq!(answer.decision(), Decision::Allow);
+    }
+    assert_eq!(refused_count(&server, "tcp").await, 0);
+
+    // Signed by the CA, but not allowed: refused naming what it presented,
+    // on every call (the verdict is cached, the refusal still counted).
+    let intruder_id = "spiffe://example.org/ns/docs/sa/intruder";
+    let intruder = leaf(&ca, &["reports.svc"], Some(intruder_id), "intruder");
+    let mut client = AuthorizerClient::new(
+        tls_channel(&server, &ca.pem, Some(&intruder))
+            .await
+            .unwrap(),
+    );
+    for _ in 0..2 {
+        let status = client.check(request()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(
+            status.message().contains(intruder_id),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().contains("tls.allowed_callers"));
+    }
+    // The decision-log tail is behind the same check.
+    let tail = DecisionLogClient::new(
+        tls_channel(&server, &ca.pem, Some(&intruder))
+            .await
+            .unwrap(),
+    )
+    .tail(TailRequest::default())
+    .await
+    .unwrap_err();
+    assert_eq!(tail.code(), tonic::Code::PermissionDenied);
+    assert_eq!(refused_count(&server, "tcp").await, 3);
+
+    // Expired, or from another CA: refused at the handshake, whatever the
+    // SAN says.
+    let stranger_ca = new_ca("someone else's CA");
+    for cert in [
+        expired_leaf(&ca, SPIFFE_ID),
+        leaf(&stranger_ca, &[], Some(SPIFFE_ID), "frontend"),
+    ] {
+        let refused = match tls_channel(&server, &ca.pem, Some(&cert)).await {
+            Err(_) => None,
+            Ok(channel) => Some(AuthorizerClient::new(channel).check(request()).await),
+        };
+        match refused {
+            None => {}
+            Some(Err(status)) => assert_ne!(status.code(), tonic::Code::PermissionDenied),
+            Some(Ok(_)) => panic!("a certificate the handshake should refuse got an answer"),
+        }
+    }
+    // Health needs no allowed certificate (probes).
+    let health = tonic_health::pb::health_client::HealthClient::new(
+        tls_channel(&server, &ca.pem, Some(&intruder))
+            .await
+            .unwrap(),
+    )
+    .check(tonic_health::pb::HealthCheckRequest::default())
+    .await;
+    assert!(health.is_ok());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_uids_get_answers_on_the_unix_socket() {
+    // The peer is this process: allowed when its uid is listed, refused
+    // when only another uid is.
+    let dir = tempfile::tempdir().unwrap();
+    let own_uid = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(dir.path()).unwrap().uid()
+    };
+    for (allowed, admitted) in [
+        (vec![own_uid + 1, own_uid], true),
+        (vec![own_uid + 1], false),
+    ] {
+        let socket = dir.path().join(format!("arbiter-{admitted}.sock"));
+        let mut config = common::config(Default::default());
+        config.uds = Some(UdsConfig {
+            path: socket.clone(),
+            mode: 0o600,
+        });
+        config.admission.allowed_uids = Some(allowed);
+        let server = TestServer::start(config).await;
+        let answer = AuthorizerClient::new(common::uds_channel(&socket).await)
+            .check(request())
+            .await;
+        if admitted {
+            assert_eq!(answer.unwrap().into_inner().decision(), Decision::Allow);
+            assert_eq!(refused_count(&server, "uds").await, 0);
+        } else {
+            let status = answer.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::PermissionDenied);
+            assert!(
+                status.message().contains(&format!("uid={own_uid}")),
+                "{}",
+                status.message()
+            );
+            assert!(refused_count(&server, "uds").await >= 1);
+        }
+        // The TCP listener has no uid check.
+        let tcp = server.client().await.check(request()).await;
+        assert!(tcp.is_ok());
+        server.stop().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1358,3 +1358,28 @@ async fn reflection_lists_and_resolves_the_ext_authz_service() {
     );
     server.stop().await.unwrap();
 }
+
+/// `max_message_bytes` bounds Envoy's messages too: one byte over is
+/// refused before it is read.
+#[tokio::test]
+async fn a_message_one_byte_over_max_message_bytes_is_out_of_range() {
+    const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
+    const LIMIT: usize = 16 * 1024;
+    let mut config = server_config(example_mapping());
+    config.transport.max_message_bytes = LIMIT;
+    let server = TestServer::start(config).await;
+    // Zero bytes are no CheckRequest: read, then refused for what they are.
+    let at_limit = raw_call(server.addr, CHECK, vec![0; LIMIT])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        at_limit.code(),
+        tonic::Code::InvalidArgument,
+        "{at_limit:?}"
+    );
+    let over = raw_call(server.addr, CHECK, vec![0; LIMIT + 1])
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), tonic::Code::OutOfRange, "{over:?}");
+    server.stop().await.unwrap();
+}

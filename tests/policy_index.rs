@@ -356,6 +356,7 @@ fn snapshot(set: &PolicySet, entities: &Entities, mode: OnEvaluationError, min: 
         // test compares evaluations, not what callers may claim.
         request_entities: arbiter::engine::RequestEntitiesMode::Replace,
         limits: arbiter::engine::RequestLimits::default(),
+        allow_empty_policies: true,
     };
     let policies = PolicySnapshot::new(set.clone(), None, Arc::from("policies"), options);
     let data = EntityData::new(entities.clone(), Arc::from("data"));

@@ -3,8 +3,10 @@
 //! [`CheckInput`](crate::engine::CheckInput), asks the engine, and turns the
 //! [`Decision`](crate::engine::Decision) or error back into a wire answer.
 
+pub mod admission;
 pub mod authorizer;
 pub mod caller;
+pub mod codec;
 pub mod connection;
 pub mod decision_log;
 pub mod ext_authz;

@@ -37,6 +37,24 @@ impl fmt::Display for RequestField {
     }
 }
 
+/// The longest message a [`RequestError::Invalid`] carries: Cedar's
+/// diagnostics quote the input, and a 3 MB value must not come back as a
+/// 3 MB status.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1_024;
+
+/// `text`, or its first `max` bytes (cut at a character boundary) and its
+/// length: how any input value is quoted in a message.
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len()).into()
+}
+
 /// A request that cannot be evaluated. Never becomes an allow.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -55,10 +73,12 @@ pub enum RequestError {
 
 impl RequestError {
     pub(crate) fn invalid(field: RequestField, message: impl fmt::Display) -> Self {
-        RequestError::Invalid {
-            field,
-            message: message.to_string(),
-        }
+        let message = message.to_string();
+        let message = match bounded(&message, MAX_ERROR_MESSAGE_BYTES) {
+            std::borrow::Cow::Borrowed(_) => message,
+            std::borrow::Cow::Owned(cut) => cut,
+        };
+        RequestError::Invalid { field, message }
     }
 
     /// An invalid field, described by an error and everything that caused it.

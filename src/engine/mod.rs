@@ -30,7 +30,9 @@ use cedar_policy::{
 };
 
 pub use decision::{Decision, PolicyEvaluationError, SliceUse};
-pub use error::{LoadDiagnostic, LoadError, RequestError, RequestField};
+pub use error::{
+    LoadDiagnostic, LoadError, MAX_ERROR_MESSAGE_BYTES, RequestError, RequestField, bounded,
+};
 pub use hierarchy::{DEFAULT_MAX_HIERARCHY_DEPTH, MAX_HIERARCHY_DEPTH_CEILING};
 pub use loader::{LoadOptions, LoadReport, OnEvaluationError, Sources};
 pub use policy_index::DEFAULT_POLICY_INDEX_MIN;
@@ -288,6 +290,15 @@ impl Engine {
         let action = parse_uid(input.action, RequestField::Action)?;
         let resource = parse_uid(input.resource, RequestField::Resource)?;
 
+        if input.context_json.len() > MAX_CONTEXT_BYTES {
+            return Err(RequestError::invalid(
+                RequestField::Context,
+                format!(
+                    "{} bytes, more than {MAX_CONTEXT_BYTES}",
+                    input.context_json.len()
+                ),
+            ));
+        }
         let context_value = if input.context_json.trim().is_empty() {
             None
         } else {
@@ -513,15 +524,38 @@ fn add_action_entities(
     }
 }
 
+/// The longest entity type or id a request may name.
+pub const MAX_UID_BYTES: usize = 1_024;
+
+/// The longest `context_json` a request may carry (before it is parsed).
+pub const MAX_CONTEXT_BYTES: usize = 256 * 1024;
+
+/// How much of an input value a message quotes.
+const QUOTED_BYTES: usize = 256;
+
 fn parse_uid(input: Option<UidInput<'_>>, field: RequestField) -> Result<EntityUid, RequestError> {
     let input = input.ok_or_else(|| RequestError::invalid(field, "is required"))?;
+    for (part, text) in [("type", input.type_name), ("id", input.id)] {
+        if text.len() > MAX_UID_BYTES {
+            return Err(RequestError::invalid(
+                field,
+                format!(
+                    "its {part} `{}` is longer than {MAX_UID_BYTES} bytes",
+                    bounded(text, QUOTED_BYTES)
+                ),
+            ));
+        }
+    }
     if input.type_name.is_empty() {
         return Err(RequestError::invalid(field, "entity type is empty"));
     }
     let type_name: EntityTypeName = input.type_name.parse().map_err(|error| {
         RequestError::invalid(
             field,
-            format!("`{}` is not a valid entity type: {error}", input.type_name),
+            format!(
+                "`{}` is not a valid entity type: {error}",
+                bounded(input.type_name, QUOTED_BYTES)
+            ),
         )
     })?;
     Ok(EntityUid::from_type_name_and_id(

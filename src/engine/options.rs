@@ -26,6 +26,9 @@ pub struct LoadOptions {
     /// Policy count from which decisions evaluate only the policies whose
     /// scope can match (the policy index); 0 indexes every set.
     pub policy_index_min: usize,
+    /// Serve a set with no policies (everything denied). Off by default: an
+    /// unmounted ConfigMap must not turn every answer into deny silently.
+    pub allow_empty_policies: bool,
 }
 
 /// The default size of the per-snapshot decision cache.
@@ -80,6 +83,7 @@ impl Default for LoadOptions {
             request_entities: RequestEntitiesMode::default(),
             limits: RequestLimits::default(),
             policy_index_min: DEFAULT_POLICY_INDEX_MIN,
+            allow_empty_policies: false,
         }
     }
 }

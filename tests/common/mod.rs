@@ -40,6 +40,8 @@ pub fn config(sources: Sources) -> ServeConfig {
         // Tests that log decisions turn it on with their own temp spool.
         decision_log: arbiter::decision_log::DecisionLogConfig::disabled(),
         identity: None,
+        admission: Default::default(),
+        transport: Default::default(),
     }
 }
 

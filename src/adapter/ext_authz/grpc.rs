@@ -29,13 +29,22 @@ pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 #[derive(Debug, Clone)]
 pub struct AuthorizationServer {
     service: Arc<ExtAuthzService>,
+    /// `max_message_bytes`; `None` is tonic's default.
+    max_decoding_message_size: Option<usize>,
 }
 
 impl AuthorizationServer {
     pub fn new(service: ExtAuthzService) -> Self {
         AuthorizationServer {
             service: Arc::new(service),
+            max_decoding_message_size: None,
         }
+    }
+
+    /// Requests larger than `limit` bytes are refused (`OUT_OF_RANGE`).
+    pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+        self.max_decoding_message_size = Some(limit);
+        self
     }
 }
 
@@ -66,8 +75,10 @@ where
             return Box::pin(async move { Ok(status.into_http()) });
         }
         let method = CheckMethod(self.service.clone());
+        let max_decoding_message_size = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(CheckCodec);
+            let mut grpc = tonic::server::Grpc::new(CheckCodec)
+                .apply_max_message_size_config(max_decoding_message_size, None);
             Ok(grpc.unary(method, request).await)
         })
     }
