@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::raw::RawCodec;
+
 use std::time::Duration;
 
 use arbiter::proto::v1::{CheckRequest, Decision};
@@ -14,52 +16,6 @@ use prost::Message;
 use tonic::transport::Channel;
 
 const CHECK: &str = "/arbiter.v1.Authorizer/Check";
-
-/// Bytes in, bytes out: to send what a generated client would not.
-#[derive(Clone, Copy)]
-struct RawCodec;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-}
-
-impl tonic::codec::Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        bytes::BufMut::put_slice(dst, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let len = bytes::Buf::remaining(src);
-        Ok(Some(bytes::Buf::copy_to_bytes(src, len).to_vec()))
-    }
-}
 
 async fn channel(server: &TestServer) -> Channel {
     Channel::from_shared(format!("http://{}", server.addr))

@@ -176,6 +176,7 @@ pub fn saas(principal: &str, action: &str, resource_type: &str, resource: &str) 
     }
 }
 pub mod nats;
+pub mod raw;
 
 /// A gRPC channel to a server's Unix-domain socket.
 pub async fn uds_channel(socket: &Path) -> Channel {
