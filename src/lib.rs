@@ -34,6 +34,8 @@ pub mod cli;
 pub mod config;
 pub mod decision_log;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod reload;
 pub mod shutdown;

@@ -506,8 +506,16 @@ fn scan_segment(path: &Path, first: u64) -> io::Result<(Segment, u64)> {
     let mut valid = 0u64;
     let mut end = first;
     while let (Next::Frame(frame), len) = read_frame(&mut reader)? {
+        // A segment's frames are contiguous from its first seq: a frame
+        // with any other seq (a checksum that holds over a wrong frame) is
+        // corrupt, and so is what follows it. Taken as the end, a seq of
+        // u64::MAX wrapped `end` to 0, and the reopened spool wrote over
+        // (and never delivered) every record before it.
+        if frame.seq != end {
+            break;
+        }
         valid += len;
-        end = frame.seq + 1;
+        end = frame.seq.saturating_add(1);
     }
     drop(reader);
     let cut = total - valid;
@@ -625,7 +633,7 @@ impl SpoolReader {
             match read_frame(reader)? {
                 (Next::Frame(frame), _) => {
                     if frame.seq >= self.next {
-                        self.next = frame.seq + 1;
+                        self.next = frame.seq.saturating_add(1);
                         out.push(frame);
                     }
                 }
@@ -794,6 +802,34 @@ mod tests {
         let after: Vec<u64> = a.read(100).unwrap().iter().map(|f| f.seq).collect();
         assert_eq!(after, vec![total + 1, total + 2, total + 3]);
         assert_eq!(a.read(100).unwrap().len(), 0);
+    }
+
+    /// A well-framed record whose seq breaks the segment's sequence (a
+    /// checksum that holds over a wrong frame) ends the segment there: the
+    /// records before it are delivered and the next seq is not reused
+    /// (fuzz/artifacts/spool_reader: a seq of u64::MAX made the reopened
+    /// spool start again at 0).
+    #[test]
+    fn a_frame_out_of_sequence_ends_its_segment() {
+        for bogus in [u64::MAX, 0, 7, 1_000] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let (mut writer, _) =
+                    SpoolWriter::open(dir.path(), 1 << 20, 1 << 30, &sinks()).unwrap();
+                write(&mut writer, 3);
+            }
+            let path = segment_path(dir.path(), 0);
+            let mut bytes = fs::read(&path).unwrap();
+            encode_frame(&mut bytes, bogus, "bogus", b"{}");
+            fs::write(&path, &bytes).unwrap();
+            let (mut writer, recovered) =
+                SpoolWriter::open(dir.path(), 1 << 20, 1 << 30, &sinks()).unwrap();
+            assert!(recovered.truncated_bytes > 0, "{bogus}");
+            write(&mut writer, 1);
+            let mut a = SpoolReader::new(dir.path(), "a", 0, writer.shared());
+            let seqs: Vec<u64> = a.read(100).unwrap().iter().map(|f| f.seq).collect();
+            assert_eq!(seqs, [0, 1, 2, 3], "{bogus}");
+        }
     }
 
     #[test]
