@@ -542,27 +542,12 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
                     in_flight += usize::from(started < sigterm && ended > sigterm);
                 }
                 // A call sent before SIGTERM may fail only if the server
-                // never started it: refused as the drain began (HTTP/2
-                // GOAWAY or REFUSED_STREAM for a stream it had not read),
-                // not sent at all because the connection was closing
-                // (hyper's `Canceled`), or sent on a new connection once the
-                // listener closed. The client's clock cannot tell those from
-                // calls the server had started (the request may still be in
-                // transit), so the failure itself must say so. Calls sent
+                // never started it (`common::never_started`); calls sent
                 // after SIGTERM may fail in any way.
                 Err(status) if started < sigterm => {
-                    let text = format!("{status:?}");
-                    let never_started = match status.code() {
-                        tonic::Code::Unavailable => {
-                            text.contains("refused stream") || text.contains("tcp connect error")
-                        }
-                        tonic::Code::Cancelled => text.contains("hyper::Error(Canceled"),
-                        tonic::Code::Internal => text.contains("GoAway("),
-                        _ => false,
-                    };
                     assert!(
-                        never_started,
-                        "a call sent before SIGTERM failed though the server may have started it: {text}"
+                        common::never_started(&status),
+                        "a call sent before SIGTERM failed though the server may have started it: {status:?}"
                     );
                 }
                 Err(_) => {}

@@ -194,3 +194,22 @@ pub async fn uds_channel(socket: &Path) -> Channel {
         .await
         .unwrap()
 }
+
+/// Whether a call that failed around SIGTERM was one the server never
+/// started: refused as the drain began (HTTP/2 GOAWAY or REFUSED_STREAM for
+/// a stream it had not read), not sent because the connection was closing
+/// (hyper's `Canceled`), or sent on a new connection once the listener
+/// closed. The client's clock cannot tell those from calls the server had
+/// started (the request may still be in transit), so the failure itself
+/// must say so.
+pub fn never_started(status: &tonic::Status) -> bool {
+    let text = format!("{status:?}");
+    match status.code() {
+        tonic::Code::Unavailable => {
+            text.contains("refused stream") || text.contains("tcp connect error")
+        }
+        tonic::Code::Cancelled => text.contains("hyper::Error(Canceled"),
+        tonic::Code::Internal => text.contains("GoAway("),
+        _ => false,
+    }
+}
