@@ -28,33 +28,102 @@ use crate::proto::v1::decision_log_server::DecisionLogServer;
 use crate::reload::{self, LoadStatus};
 use crate::telemetry::{self, DecisionMetrics, ReloadMetrics};
 
-/// Everything `arbiter serve` needs, after flags, env and file are merged.
+/// Everything `arbiter serve` needs, after flags, env and file are merged:
+/// one part per part of the server.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    pub sources: Sources,
+    /// The policy, schema and entity files, and how often they are checked.
+    pub reload: ReloadConfig,
+    /// How policies are validated and decisions made, and their limits.
     pub load: LoadOptions,
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
-    /// How often the policy, schema and entity files are checked for changes.
-    pub reload_interval: Duration,
-    /// How long in-flight calls may take to finish after SIGTERM.
+    /// The gRPC listeners and what they serve.
+    pub listeners: ListenerConfig,
+    /// The admin HTTP listener.
+    pub admin: AdminConfig,
+    /// Entity data synced from an identity store instead of the entities file.
+    pub identity: Option<IdentityConfig>,
+    /// `[decision_log]`. Off in `ServeConfig::default()` (embedders and
+    /// tests opt in); `arbiter serve` resolves it on, to stdout, by default.
+    pub decision_log: DecisionLogConfig,
+    /// How long in-flight calls may take to finish after SIGTERM (and the
+    /// decision log to flush after them).
     pub shutdown_grace: Duration,
-    /// `[ext_authz]`: serve `envoy.service.auth.v3.Authorization` with this
-    /// mapping (not served when absent).
-    pub ext_authz: Option<ExtAuthzConfig>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            reload: ReloadConfig::default(),
+            load: LoadOptions::default(),
+            listeners: ListenerConfig::default(),
+            admin: AdminConfig::default(),
+            identity: None,
+            decision_log: DecisionLogConfig::disabled(),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// What is loaded at start and reloaded when it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadConfig {
+    pub sources: Sources,
+    /// How often the policy, schema and entity files are checked for changes.
+    pub interval: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            sources: Sources::default(),
+            interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// The gRPC listeners: TCP (optionally TLS) and a Unix socket, each
+/// serving every service, behind the same admission and limits.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
     /// A Unix-domain socket serving the same gRPC services.
     pub uds: Option<UdsConfig>,
     /// TLS (and with a client CA, mTLS) on the gRPC TCP listener.
     pub tls: Option<TlsConfig>,
-    /// `[decision_log]`. Off in `ServeConfig::default()` (embedders and
-    /// tests opt in); `arbiter serve` resolves it on, to stdout, by default.
-    pub decision_log: DecisionLogConfig,
-    /// Entity data synced from an identity store instead of the entities file.
-    pub identity: Option<IdentityConfig>,
     /// Who may call, and the in-flight limit, on every gRPC listener.
     pub admission: AdmissionConfig,
     /// gRPC and HTTP/2 limits of every gRPC listener.
     pub transport: TransportLimits,
+    /// `[ext_authz]`: serve `envoy.service.auth.v3.Authorization` with this
+    /// mapping (not served when absent).
+    pub ext_authz: Option<ExtAuthzConfig>,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            uds: None,
+            tls: None,
+            admission: AdmissionConfig::default(),
+            transport: TransportLimits::default(),
+            ext_authz: None,
+        }
+    }
+}
+
+/// The admin HTTP listener: `/metrics`, `/live`, `/ready`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
 }
 
 /// gRPC and HTTP/2 limits, the same on every gRPC listener.
@@ -140,26 +209,6 @@ pub struct UdsConfig {
     pub mode: u32,
 }
 
-impl Default for ServeConfig {
-    fn default() -> Self {
-        ServeConfig {
-            sources: Sources::default(),
-            load: LoadOptions::default(),
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-            reload_interval: Duration::from_millis(250),
-            shutdown_grace: Duration::from_secs(20),
-            ext_authz: None,
-            uds: None,
-            tls: None,
-            decision_log: DecisionLogConfig::disabled(),
-            identity: None,
-            admission: AdmissionConfig::default(),
-            transport: TransportLimits::default(),
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on `{addr}`: {source}")]
@@ -201,24 +250,25 @@ pub struct Server {
 impl Server {
     /// Binds the gRPC and admin listeners (port 0 picks a free port).
     pub async fn bind(config: ServeConfig) -> Result<Self, ServeError> {
-        let grpc = TcpListener::bind(config.listen)
+        let grpc = TcpListener::bind(config.listeners.listen)
             .await
             .map_err(|source| ServeError::Bind {
-                addr: config.listen,
+                addr: config.listeners.listen,
                 source,
             })?;
-        let admin = TcpListener::bind(config.admin_listen)
+        let admin = TcpListener::bind(config.admin.listen)
             .await
             .map_err(|source| ServeError::Bind {
-                addr: config.admin_listen,
+                addr: config.admin.listen,
                 source,
             })?;
         let tls = config
+            .listeners
             .tls
             .as_ref()
             .map(TlsConfig::server_config)
             .transpose()?;
-        let uds = match &config.uds {
+        let uds = match &config.listeners.uds {
             Some(uds) => Some(bind_uds(uds)?),
             None => None,
         };
@@ -291,7 +341,8 @@ impl Server {
         // the spool are on their way while the policies load.
         let default_spool = std::env::temp_dir().join(format!(
             "arbiter-spool-{}",
-            grpc.local_addr().map_or(config.listen.port(), |a| a.port())
+            grpc.local_addr()
+                .map_or(config.listeners.listen.port(), |a| a.port())
         ));
         let decision_log = DecisionLog::start(&config.decision_log, &default_spool).await?;
         let status = Arc::new(LoadStatus::default());
@@ -305,7 +356,7 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
         // Reflection lists the services of the files it holds: Envoy's only
         // when its service is mounted.
-        if config.ext_authz.is_some() {
+        if config.listeners.ext_authz.is_some() {
             reflection = reflection.register_encoded_file_descriptor_set(
                 crate::proto::ENVOY_EXT_AUTHZ_FILE_DESCRIPTOR_SET,
             );
@@ -314,9 +365,10 @@ impl Server {
             .build_v1()
             .map_err(|error| ServeError::InitialLoad(LoadError::one("<reflection>", error)))?;
 
-        let grpc_addr = grpc
-            .local_addr()
-            .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
+        let grpc_addr = grpc.local_addr().map_or_else(
+            |_| config.listeners.listen.to_string(),
+            |addr| addr.to_string(),
+        );
         let (stop_tx, stop_rx) = watch::channel(false);
         let grpc_stop = wait_for_stop(stop_rx.clone());
         let mut authorizer = AuthorizerService::new(engine.clone(), decision_metrics.clone())
@@ -332,28 +384,28 @@ impl Server {
             .add_service(reflection)
             .add_service(
                 AuthorizerServer::new(authorizer)
-                    .max_decoding_message_size(config.transport.max_message_bytes),
+                    .max_decoding_message_size(config.listeners.transport.max_message_bytes),
             )
             .add_service(
                 DecisionLogServer::new(DecisionLogService::new(
                     decision_log.tail_source(),
                     stop_rx.clone(),
                 ))
-                .max_decoding_message_size(config.transport.max_message_bytes),
+                .max_decoding_message_size(config.listeners.transport.max_message_bytes),
             );
-        if let Some(ext_authz) = &config.ext_authz {
+        if let Some(ext_authz) = &config.listeners.ext_authz {
             let service = ext_authz
                 .build(engine.clone(), decision_metrics.clone())?
                 .with_decision_log(decision_log.logger());
             routes = routes.add_service(
                 service
                     .into_server()
-                    .max_decoding_message_size(config.transport.max_message_bytes),
+                    .max_decoding_message_size(config.listeners.transport.max_message_bytes),
             );
         }
         // Both listeners share one in-flight count.
         let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let transport = &config.transport;
+        let transport = &config.listeners.transport;
         let server = || {
             tonic::transport::Server::builder()
                 .max_concurrent_streams(transport.max_concurrent_streams)
@@ -367,7 +419,7 @@ impl Server {
         }
         let mut builder = builder.layer(AdmissionLayer::new(
             "tcp",
-            &config.admission,
+            &config.listeners.admission,
             in_flight.clone(),
         ));
         let grpc_server = tokio::spawn(
@@ -379,7 +431,11 @@ impl Server {
         let uds_server = uds.map(|listener| {
             tokio::spawn(
                 server()
-                    .layer(AdmissionLayer::new("uds", &config.admission, in_flight))
+                    .layer(AdmissionLayer::new(
+                        "uds",
+                        &config.listeners.admission,
+                        in_flight,
+                    ))
                     .add_routes(routes)
                     .serve_with_incoming_shutdown(
                         tokio_stream::StreamExt::map(
@@ -421,12 +477,12 @@ impl Server {
         // First load, off the async workers: files may be large or slow. The
         // watcher's baseline is taken first, so no edit falls in between.
         let baseline = {
-            let paths = config.sources.watched_paths();
+            let paths = config.reload.sources.watched_paths();
             tokio::task::spawn_blocking(move || reload::Fingerprint::of(&paths)).await?
         };
         let initial = {
             let engine = engine.clone();
-            let sources = config.sources.clone();
+            let sources = config.reload.sources.clone();
             let metrics = reload_metrics.clone();
             let status = status.clone();
             let options = config.load;
@@ -476,14 +532,14 @@ impl Server {
                 tracing::info!(
                     listen = %grpc_addr,
                     "serving arbiter.v1.Authorizer{}",
-                    if config.sources.is_embedded() { " on the embedded default policy set" } else { "" }
+                    if config.reload.sources.is_embedded() { " on the embedded default policy set" } else { "" }
                 );
                 let watcher = tokio::spawn(reload::watch_files(
                     baseline,
                     engine.clone(),
-                    config.sources.clone(),
+                    config.reload.sources.clone(),
                     config.load,
-                    config.reload_interval,
+                    config.reload.interval,
                     reload_metrics.clone(),
                     status.clone(),
                     stop_rx.clone(),
@@ -538,7 +594,7 @@ impl Server {
             grpc
         })
         .await;
-        if let Some(uds) = &config.uds {
+        if let Some(uds) = &config.listeners.uds {
             let _ = std::fs::remove_file(&uds.path);
         }
         let outcome = match drained {

@@ -103,7 +103,7 @@ async fn good_edit_is_live_within_one_second_and_bad_edit_keeps_last_good_set() 
     write_set(dir.path(), &versioned_policies(1));
     let mut cfg = config(file_sources(dir.path()));
     // The default interval: this is what operators get.
-    cfg.reload_interval = arbiter::app::ServeConfig::default().reload_interval;
+    cfg.reload.interval = arbiter::app::ReloadConfig::default().interval;
     let server = TestServer::start(cfg).await;
     let mut client = server.client().await;
     let first = client
