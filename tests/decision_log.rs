@@ -605,11 +605,11 @@ ack_timeout_ms = 1000
 }
 
 /// `overflow = "block"` at the spool cap. The sink is down throughout the
-/// logging, so the spool never drains and room never comes: a `log()` that
-/// returns was ended by its deadline. Nothing here is bounded by the wall
-/// clock except a hang (30 s): on a loaded machine a call may return late,
-/// because its task was not scheduled, but never early and never without
-/// counting its drop.
+/// logging, so the spool never drains: once the pipeline waits at the cap
+/// the queue never empties, and a `log()` that returns was ended by its
+/// deadline. Nothing here is bounded by the wall clock except a hang
+/// (30 s): on a loaded machine a call may return late, because its task
+/// was not scheduled, but never early and never without counting its drop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_overflow_waits_at_most_the_deadline_and_counts_every_drop() {
     let mut nats = NatsServer::stopped();
