@@ -161,7 +161,7 @@ async fn mtls_callers_are_named_by_their_spiffe_id_and_others_are_refused() {
     let ca = new_ca("arbiter test CA");
     let (server_cert, server_key) = leaf(&ca, &["localhost"], None, "arbiter");
     let (mut config, log) = logged_config(dir.path());
-    config.tls = Some(TlsConfig {
+    config.listeners.tls = Some(TlsConfig {
         cert: write(dir.path(), "server.pem", &server_cert),
         key: write(dir.path(), "server.key", &server_key),
         client_ca: Some(write(dir.path(), "ca.pem", &ca.pem)),
@@ -244,12 +244,12 @@ async fn only_allowed_callers_get_answers_on_the_tls_listener() {
     let ca = new_ca("arbiter test CA");
     let (server_cert, server_key) = leaf(&ca, &["localhost"], None, "arbiter");
     let mut config = common::config(Default::default());
-    config.tls = Some(TlsConfig {
+    config.listeners.tls = Some(TlsConfig {
         cert: write(dir.path(), "server.pem", &server_cert),
         key: write(dir.path(), "server.key", &server_key),
         client_ca: Some(write(dir.path(), "ca.pem", &ca.pem)),
     });
-    config.admission.allowed_callers = Some(
+    config.listeners.admission.allowed_callers = Some(
         [
             SPIFFE_ID,
             "spiffe://example.org/ns/batch/*",
@@ -355,11 +355,11 @@ async fn only_allowed_uids_get_answers_on_the_unix_socket() {
     ] {
         let socket = dir.path().join(format!("arbiter-{admitted}.sock"));
         let mut config = common::config(Default::default());
-        config.uds = Some(UdsConfig {
+        config.listeners.uds = Some(UdsConfig {
             path: socket.clone(),
             mode: 0o600,
         });
-        config.admission.allowed_uids = Some(allowed);
+        config.listeners.admission.allowed_uids = Some(allowed);
         let server = TestServer::start(config).await;
         let answer = AuthorizerClient::new(common::uds_channel(&socket).await)
             .check(request())
@@ -389,7 +389,7 @@ async fn unix_socket_callers_are_named_by_their_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("arbiter.sock");
     let (mut config, log) = logged_config(dir.path());
-    config.uds = Some(UdsConfig {
+    config.listeners.uds = Some(UdsConfig {
         path: socket.clone(),
         mode: 0o600,
     });
@@ -449,7 +449,7 @@ async fn bad_tls_files_are_refused_at_start_naming_the_file() {
         ),
     ] {
         let mut config = common::config(Default::default());
-        config.tls = Some(tls);
+        config.listeners.tls = Some(tls);
         let error = arbiter::app::Server::bind(config).await.unwrap_err();
         let message = error.to_string();
         assert!(message.contains(&named.display().to_string()), "{message}");

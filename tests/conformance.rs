@@ -595,14 +595,14 @@ fn loopback() -> SocketAddr {
 
 /// Starts a server in-process and waits until it is SERVING or has ended.
 async fn start(sources: &Sources, validate_policies: bool) -> Result<Started, String> {
-    let config = ServeConfig {
-        sources: sources.clone(),
+    let mut config = ServeConfig {
         load: cedar_options(validate_policies, true),
-        listen: loopback(),
-        admin_listen: loopback(),
         shutdown_grace: Duration::from_secs(10),
         ..Default::default()
     };
+    config.reload.sources = sources.clone();
+    config.listeners.listen = loopback();
+    config.admin.listen = loopback();
     let server = Server::bind(config)
         .await
         .map_err(|error| format!("bind: {error}"))?;

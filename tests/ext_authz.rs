@@ -50,7 +50,7 @@ fn example_mapping() -> ExtAuthzConfig {
         config: Some(root().join("deploy/arbiter/ext-authz.toml")),
         ..ServeArgs::default()
     };
-    let mut mapping = args.resolve().unwrap().ext_authz.unwrap();
+    let mut mapping = args.resolve().unwrap().listeners.ext_authz.unwrap();
     let jwt = mapping.principal.jwt.as_mut().unwrap();
     jwt.jwks_url = None;
     jwt.jwks_file = Some(fixture("jwks-a.json"));
@@ -58,10 +58,9 @@ fn example_mapping() -> ExtAuthzConfig {
 }
 
 fn server_config(mapping: ExtAuthzConfig) -> ServeConfig {
-    ServeConfig {
-        ext_authz: Some(mapping),
-        ..common::config(Sources::default())
-    }
+    let mut config = common::config(Sources::default());
+    config.listeners.ext_authz = Some(mapping);
+    config
 }
 
 async fn client(addr: SocketAddr) -> AuthorizationClient<Channel> {
@@ -829,10 +828,8 @@ headers = {{ "x-arbiter-principal" = "{{principal.id}}" }}
 #[tokio::test]
 async fn principal_from_mtls_peer_identity() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServeConfig {
-        ext_authz: Some(workload_mapping("mtls", None)),
-        ..common::config(workload_policies(dir.path()))
-    };
+    let mut config = common::config(workload_policies(dir.path()));
+    config.listeners.ext_authz = Some(workload_mapping("mtls", None));
     let server = TestServer::start(config).await;
     let mut client = client(server.addr).await;
     let mut request = http("GET", "/orders/17");
@@ -859,10 +856,8 @@ async fn principal_from_mtls_peer_identity() {
 #[tokio::test]
 async fn principal_from_trusted_header() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServeConfig {
-        ext_authz: Some(workload_mapping("header", Some("X-Gateway-Workload"))),
-        ..common::config(workload_policies(dir.path()))
-    };
+    let mut config = common::config(workload_policies(dir.path()));
+    config.listeners.ext_authz = Some(workload_mapping("header", Some("X-Gateway-Workload")));
     let server = TestServer::start(config).await;
     let mut client = client(server.addr).await;
     let web = "spiffe://cluster.local/ns/shop/sa/web";
@@ -966,13 +961,11 @@ async fn unix_socket_listener_serves_ext_authz_with_its_mode() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("arbiter.sock");
-    let config = ServeConfig {
-        uds: Some(UdsConfig {
-            path: socket.clone(),
-            mode: 0o660,
-        }),
-        ..server_config(example_mapping())
-    };
+    let mut config = server_config(example_mapping());
+    config.listeners.uds = Some(UdsConfig {
+        path: socket.clone(),
+        mode: 0o660,
+    });
     let server = TestServer::start(config).await;
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
@@ -1322,7 +1315,7 @@ async fn a_message_one_byte_over_max_message_bytes_is_out_of_range() {
     const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
     const LIMIT: usize = 16 * 1024;
     let mut config = server_config(example_mapping());
-    config.transport.max_message_bytes = LIMIT;
+    config.listeners.transport.max_message_bytes = LIMIT;
     let server = TestServer::start(config).await;
     // Zero bytes are no CheckRequest: read, then refused for what they are.
     let at_limit = raw_call(server.addr, CHECK, vec![0; LIMIT])

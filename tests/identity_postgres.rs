@@ -92,7 +92,11 @@ async fn drop_database(name: &str) {
 fn identity(database: &str) -> IdentityConfig {
     IdentityConfig {
         max_staleness_secs: Some(2),
-        revision_wait_ms: Some(5000),
+        // A deadline for the sync to apply a write the test waits for: it
+        // bounds a hang, not the speed (a 10,000-row change took over 5 s
+        // in a debug build on a loaded 2-core machine). The test of the
+        // deadline itself sets its own.
+        revision_wait_ms: Some(60_000),
         postgres: Some(PostgresConfig {
             url: Some(server_url(database)),
             poll_interval_ms: Some(200),

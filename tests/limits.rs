@@ -43,7 +43,7 @@ async fn shed_count(server: &TestServer, reason: &str) -> u64 {
 async fn a_message_one_byte_over_the_limit_is_out_of_range() {
     const LIMIT: usize = 64 * 1024;
     let mut config = common::config(Default::default());
-    config.transport.max_message_bytes = LIMIT;
+    config.listeners.transport.max_message_bytes = LIMIT;
     let server = TestServer::start(config).await;
     let mut client = server.client().await;
     let sized = |len: usize| {
@@ -75,7 +75,7 @@ async fn a_message_one_byte_over_the_limit_is_out_of_range() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_beyond_max_in_flight_are_shed_at_once() {
     let mut config = common::config(Default::default());
-    config.admission.max_in_flight = 1;
+    config.listeners.admission.max_in_flight = 1;
     let server = TestServer::start(config).await;
     // A call whose message never comes holds its slot.
     let mut grpc = tonic::client::Grpc::new(channel(&server).await);
@@ -342,8 +342,8 @@ async fn undecodable_messages_are_invalid_argument() {
 #[tokio::test]
 async fn http2_limits_are_what_the_server_announces() {
     let mut config = common::config(Default::default());
-    config.transport.max_concurrent_streams = 7;
-    config.transport.max_header_list_bytes = 8 * 1024;
+    config.listeners.transport.max_concurrent_streams = 7;
+    config.listeners.transport.max_header_list_bytes = 8 * 1024;
     let server = TestServer::start(config).await;
     // One call over plain HTTP/2, then the server's SETTINGS are known.
     assert_eq!(check_with_timeout_on(&server, "30S", Some(7)).await, "0");

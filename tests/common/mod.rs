@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use arbiter::app::{ServeConfig, ServeError, Server};
-use arbiter::engine::{LoadOptions, Sources};
+use arbiter::app::{ReloadConfig, ServeConfig, ServeError, Server};
+use arbiter::engine::Sources;
 use arbiter::proto::v1::authorizer_client::AuthorizerClient;
 use arbiter::proto::v1::{CheckRequest, EntityUid};
 use tokio::sync::oneshot;
@@ -27,22 +27,19 @@ pub struct TestServer {
 
 /// A config that listens on free ports and reloads quickly.
 pub fn config(sources: Sources) -> ServeConfig {
-    ServeConfig {
-        sources,
-        load: LoadOptions::default(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        reload_interval: Duration::from_millis(50),
+    let mut config = ServeConfig {
         shutdown_grace: Duration::from_secs(10),
-        ext_authz: None,
-        uds: None,
-        tls: None,
         // Tests that log decisions turn it on with their own temp spool.
         decision_log: arbiter::decision_log::DecisionLogConfig::disabled(),
-        identity: None,
-        admission: Default::default(),
-        transport: Default::default(),
-    }
+        ..ServeConfig::default()
+    };
+    config.reload = ReloadConfig {
+        sources,
+        interval: Duration::from_millis(50),
+    };
+    config.listeners.listen = "127.0.0.1:0".parse().unwrap();
+    config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    config
 }
 
 pub fn file_sources(dir: &Path) -> Sources {
