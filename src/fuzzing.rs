@@ -773,8 +773,12 @@ pub fn spool_reader(data: &[u8]) {
             let id = source.text();
             let len = source.below(300);
             let payload = bytes::Bytes::copy_from_slice(source.bytes(len));
-            let seq = writer.push(&id, payload.clone());
-            written.push(Frame { seq, id, payload });
+            let seq = writer.push(&id, &payload);
+            written.push(Frame {
+                seq,
+                id: bytes::Bytes::from(id),
+                payload,
+            });
             if source.byte().is_multiple_of(4) && writer.flush().is_err() {
                 return;
             }

@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! adapter ─ DecisionEvent ─▶ DecisionLogger::log ─▶ bounded queue ─▶ pipeline thread
-//!   (moves strings, no work)    (try_send, never waits     redact + JSON + append to spool (WAL)
-//!                                unless overflow=block           │ `written`
-//!                                and the spool is full)          ▼
+//!   (moves strings)    (no redact rules: the JSON line,      append to spool (WAL)
+//!                       encoded into this thread's buffer;   (+ redact + JSON if rules)
+//!                       try_send, never waits unless                 │ `written`
+//!                       overflow=block and the spool is full)        ▼
 //!                                            one driver task per sink: read from its cursor,
 //!                                            send batch, on ack persist cursor; on error retry
 //!                                            with backoff (the others go on)
@@ -13,7 +14,8 @@
 //!
 //! Invariants:
 //! - the decision path does one `try_send` on a bounded queue: no lock, no
-//!   IO, no serialization;
+//!   IO, no allocation in the common case, no hashing (records that
+//!   redaction rules apply to are encoded by the pipeline thread);
 //! - every record is redacted before it is written anywhere
 //!   ([`redact`]), and written to the spool before any sink sees it;
 //! - each sink gets every spooled record at least once, in spool order, and
@@ -325,11 +327,23 @@ pub enum LoggedHeaders<'a> {
     Named(&'a [String]),
 }
 
+/// What the decision path hands to the pipeline thread.
+#[derive(Debug)]
+enum Queued {
+    /// The redacted JSON line, encoded by the thread that decided (the
+    /// common case: no `[decision_log.redact]` rules).
+    Encoded(record::Encoded),
+    /// Encoded by the pipeline thread: redaction rules may hash and parse.
+    Event(Box<DecisionEvent>),
+}
+
 #[derive(Debug)]
 struct LoggerInner {
     /// Lower-cased names from `decision_log.headers`; `None` = all.
     headers: Option<Vec<String>>,
-    queue: mpsc::Sender<DecisionEvent>,
+    /// `Some` when the deciding thread encodes records itself.
+    encoder: Option<Arc<redact::Redactor>>,
+    queue: mpsc::Sender<Queued>,
     overflow: Overflow,
     block_timeout: Duration,
     queued: Counter,
@@ -357,14 +371,22 @@ impl DecisionLogger {
         }
     }
 
-    /// Hands one decision to the pipeline. Returns at once (one `try_send`),
-    /// except with `overflow = "block"` when the queue is full because the
-    /// spool is at its cap: then it waits up to `block_timeout_ms`.
+    /// Hands one decision to the pipeline. Returns at once (encodes the
+    /// record into this thread's buffer, one `try_send`), except with
+    /// `overflow = "block"` when the queue is full because the spool is at
+    /// its cap: then it waits up to `block_timeout_ms`.
     pub async fn log(&self, event: DecisionEvent) {
         let Some(inner) = &self.inner else {
             return;
         };
-        match inner.queue.try_send(event) {
+        // Encoded where the event's strings are still in this core's cache
+        // and freed by the thread that allocated them: that saved more CPU
+        // than the encoding costs (benches/README.md, decision logging).
+        let item = match &inner.encoder {
+            Some(redactor) => Queued::Encoded(record::Encoded::new(&event, redactor)),
+            None => Queued::Event(Box::new(event)),
+        };
+        match inner.queue.try_send(item) {
             Ok(()) => inner.queued.increment(1),
             Err(mpsc::error::TrySendError::Full(event)) => {
                 if inner.overflow == Overflow::Block {

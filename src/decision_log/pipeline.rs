@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use metrics::{Counter, Gauge};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -20,7 +21,9 @@ use super::record::{self, DecisionEvent};
 use super::redact::Redactor;
 use super::sinks::{Sink, SinkConfig, SinkError};
 use super::spool::{Frame, SpoolError, SpoolReader, SpoolShared, SpoolWriter};
-use super::{DecisionLogConfig, DecisionLogger, Drops, Fsync, LoggerInner, Overflow, reason};
+use super::{
+    DecisionLogConfig, DecisionLogger, Drops, Fsync, LoggerInner, Overflow, Queued, reason,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecisionLogError {
@@ -95,9 +98,12 @@ const SINK_LINGER: Duration = Duration::from_millis(5);
 const TAIL_BUFFER: usize = 4096;
 
 struct Writer {
-    rx: mpsc::Receiver<DecisionEvent>,
+    rx: mpsc::Receiver<Queued>,
     spool: SpoolWriter,
     redactor: Redactor,
+    /// Every record is encoded here, then copied into the spool's buffer:
+    /// one allocation for the life of the pipeline.
+    scratch: Vec<u8>,
     overflow: Overflow,
     batch: usize,
     fsync: Fsync,
@@ -203,14 +209,19 @@ impl DecisionLog {
         let (tail, _) = broadcast::channel(TAIL_BUFFER);
         let (queue, rx) = mpsc::channel(config.queue_capacity);
         let writer_stop = Arc::new(AtomicBool::new(false));
+        let redactor = Redactor::new(
+            &config.redact.drop,
+            &config.redact.hash,
+            &config.redact.hash_salt,
+        );
+        // Without rules a record is the direct writer's work alone, cheap
+        // enough for the deciding thread; rules may parse and hash.
+        let encoder = (!redactor.has_rules()).then(|| Arc::new(redactor.clone()));
         let writer = Writer {
             rx,
             spool,
-            redactor: Redactor::new(
-                &config.redact.drop,
-                &config.redact.hash,
-                &config.redact.hash_salt,
-            ),
+            scratch: Vec::with_capacity(4096),
+            redactor,
             overflow: config.overflow,
             batch: config.batch_size,
             fsync: config.fsync,
@@ -229,6 +240,7 @@ impl DecisionLog {
             .map_err(DecisionLogError::Thread)?;
         let logger = DecisionLogger {
             inner: Some(Arc::new(LoggerInner {
+                encoder,
                 headers: (!config.headers.iter().any(|h| h == "*")).then(|| {
                     let mut names: Vec<String> = config
                         .headers
@@ -392,12 +404,7 @@ impl Writer {
             let stopping = self.stop.load(Ordering::Acquire);
             events.clear();
             let closed = if stopping {
-                while events.len() < self.batch {
-                    match self.rx.try_recv() {
-                        Ok(event) => events.push(event),
-                        Err(_) => break,
-                    }
-                }
+                self.take_ready(&mut events);
                 events.is_empty()
             } else {
                 let rx = &mut self.rx;
@@ -414,18 +421,21 @@ impl Writer {
                     // written, read and sent in batches, not one by one:
                     // fewer syscalls, wake-ups and sink round trips.
                     std::thread::sleep(LINGER);
-                    while events.len() < batch {
-                        match self.rx.try_recv() {
-                            Ok(event) => events.push(event),
-                            Err(_) => break,
-                        }
-                    }
+                    self.take_ready(&mut events);
                 }
                 matches!(received, Ok(0))
             };
-            for event in events.drain(..) {
-                self.append(&event);
+            let mut spooled = 0;
+            for item in events.drain(..) {
+                spooled += u64::from(match item {
+                    Queued::Encoded(record) => {
+                        self.spool_one(record.id(), record.payload(), || record.payload_bytes())
+                    }
+                    Queued::Event(event) => self.append(&event),
+                });
             }
+            // Once per batch: the counter is shared with every scrape.
+            self.spooled.increment(spooled);
             if let Err(error) = self.spool.flush() {
                 tracing::error!(%error, "decision log: cannot write to the spool");
                 let lost = self.spool.discard_buffer();
@@ -459,22 +469,42 @@ impl Writer {
         }
     }
 
-    fn append(&mut self, event: &DecisionEvent) {
-        let payload = record::encode(event, &self.redactor);
-        let id = event.decision.decision_id.as_str();
-        if !self.spool.has_room(id, &payload) {
+    /// What the queue holds now, up to a batch, without waiting (the
+    /// semaphore's permits returned once, not per record).
+    fn take_ready(&mut self, events: &mut Vec<Queued>) {
+        let room = self.batch.saturating_sub(events.len());
+        if room > 0 {
+            let _ = self.rx.recv_many(events, room).now_or_never();
+        }
+    }
+
+    /// Encodes and buffers one record; false if it was dropped.
+    fn append(&mut self, event: &DecisionEvent) -> bool {
+        let mut payload = std::mem::take(&mut self.scratch);
+        payload.clear();
+        record::encode_into(event, &self.redactor, &mut payload);
+        let spooled = self.spool_one(event.decision.decision_id.as_str(), &payload, || {
+            Bytes::copy_from_slice(&payload)
+        });
+        self.scratch = payload;
+        spooled
+    }
+
+    /// Buffers one encoded record; false if it was dropped. `shared` gives
+    /// the payload for `Tail`, asked only while someone tails.
+    fn spool_one(&mut self, id: &str, payload: &[u8], shared: impl FnOnce() -> Bytes) -> bool {
+        if !self.spool.has_room(id, payload) {
             self.spool.gc();
         }
-        if !self.spool.has_room(id, &payload) && !self.make_room(id, &payload) {
+        if !self.spool.has_room(id, payload) && !self.make_room(id, payload) {
             self.drops.add(reason::SPOOL_FULL, 1);
-            return;
+            return false;
         }
-        let payload = Bytes::from(payload);
         if self.tail.receiver_count() > 0 {
-            let _ = self.tail.send(payload.clone());
+            let _ = self.tail.send(shared());
         }
         self.spool.push(id, payload);
-        self.spooled.increment(1);
+        true
     }
 
     /// Applies the overflow policy; true when the record now fits.
@@ -572,6 +602,11 @@ impl Driver {
 
     /// The next batch from the spool; `None` if the blocking pool is gone.
     async fn read(&mut self) -> Option<Vec<Frame>> {
+        // A caught-up sink reads from memory: no hop to the blocking pool
+        // (two thread wake-ups per batch).
+        if let Some(frames) = self.reader.read_memory(self.batch) {
+            return Some(frames);
+        }
         loop {
             let mut reader = std::mem::replace(
                 &mut self.reader,

@@ -1,7 +1,8 @@
 //! The decision record: [`DecisionEvent`] is what an adapter hands over on
-//! the decision path (owned strings moved out of the request, no parsing,
-//! no serialization); [`encode`] turns it into the redacted JSON line on the
-//! pipeline thread. The JSON form is documented in the README and mirrors
+//! the decision path (owned strings moved out of the request);
+//! [`Encoded::new`] (on the deciding thread, without redaction rules) or
+//! [`encode_into`] (on the pipeline thread) turns it into the redacted JSON
+//! line. The JSON form is documented in the README and mirrors
 //! `arbiter.v1.DecisionLogRecord` in `proto/arbiter/v1/decision_log.proto`.
 
 use std::borrow::Cow;
@@ -9,6 +10,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -54,8 +56,8 @@ pub struct Caller {
 
 /// One decision as an adapter hands it to [`super::DecisionLogger::log`].
 /// Building it must stay cheap: move strings out of the request, copy the
-/// `traceparent` header, take the time; everything else (trace id parsing,
-/// context parsing, redaction, hashing, JSON) happens on the pipeline thread.
+/// `traceparent` header, take the time; the JSON line is written from it
+/// afterwards (see the module header).
 #[derive(Debug, Clone)]
 pub struct DecisionEvent {
     pub timestamp: SystemTime,
@@ -274,32 +276,75 @@ fn push_u64(out: &mut Vec<u8>, value: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
+/// A record encoded by the thread that decided: its decision id followed
+/// by its JSON line, one slice of that thread's [`ENCODE_BUFFER`] (no
+/// allocation per record).
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    bytes: Bytes,
+    id_len: usize,
+}
+
+/// Bytes a thread's encode buffer grows by when it runs low: the records of
+/// many decisions share one allocation, freed when the last is spooled.
+const ENCODE_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// Per thread: the record being encoded, then the chunk records are
+    /// handed over in.
+    static ENCODE_BUFFER: std::cell::RefCell<(Vec<u8>, BytesMut)> =
+        std::cell::RefCell::new((Vec::with_capacity(4096), BytesMut::new()));
+}
+
+impl Encoded {
+    /// Encodes `event` on this thread (see [`encode_into`]).
+    pub fn new(event: &DecisionEvent, redactor: &Redactor) -> Self {
+        ENCODE_BUFFER.with_borrow_mut(|(scratch, chunk)| {
+            scratch.clear();
+            encode_into(event, redactor, scratch);
+            let id = event.decision.decision_id.as_bytes();
+            let len = id.len() + scratch.len();
+            if chunk.capacity() - chunk.len() < len {
+                chunk.reserve(ENCODE_CHUNK.max(len));
+            }
+            chunk.extend_from_slice(id);
+            chunk.extend_from_slice(scratch);
+            Encoded {
+                bytes: chunk.split().freeze(),
+                id_len: id.len(),
+            }
+        })
+    }
+
+    /// The decision id.
+    pub fn id(&self) -> &str {
+        std::str::from_utf8(self.bytes.get(..self.id_len).unwrap_or_default()).unwrap_or_default()
+    }
+
+    /// The JSON line.
+    pub fn payload(&self) -> &[u8] {
+        self.bytes.get(self.id_len..).unwrap_or_default()
+    }
+
+    /// The JSON line, sharing the buffer (for `Tail`).
+    pub fn payload_bytes(&self) -> Bytes {
+        self.bytes.slice(self.id_len.min(self.bytes.len())..)
+    }
+}
+
 /// The redacted JSON line of `event` (no trailing newline).
 pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
+    let mut out = Vec::with_capacity(768);
+    encode_into(event, redactor, &mut out);
+    out
+}
+
+/// Appends the redacted JSON line of `event` (no trailing newline) to
+/// `out`: the pipeline encodes every record into one reused buffer, so the
+/// common case allocates nothing.
+pub fn encode_into(event: &DecisionEvent, redactor: &Redactor, out: &mut Vec<u8>) {
     let decision = &event.decision;
     let fast = redactor.context_only();
-    // The common case: nothing to redact in the context, written as sent.
-    let clean_context = if fast && !redactor.has_context_rules() {
-        match event.context_json.trim() {
-            "" => Some(b"{}".to_vec()),
-            text => super::redact::clean_json_line(text),
-        }
-    } else {
-        None
-    };
-    let context = if clean_context.is_some() {
-        Value::Null
-    } else if event.context_json.trim().is_empty() {
-        Value::Object(serde_json::Map::new())
-    } else {
-        // A context the engine rejected is never logged raw: it may hold anything.
-        serde_json::from_str(&event.context_json)
-            .unwrap_or_else(|_| Value::String("[unparsable context]".into()))
-    };
-    let mut context = context;
-    if fast && clean_context.is_none() {
-        redactor.apply_context(&mut context);
-    }
     // Borrowed from the event; a name is copied only to lower-case it
     // (copying every name and value cost ~290 instructions more per
     // ext_authz record, callgrind).
@@ -325,7 +370,8 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
     headers.sort_by(|a, b| a.0.cmp(&b.0));
     headers.dedup_by(|a, b| a.0 == b.0);
     if fast {
-        return write_record(event, clean_context.as_deref(), &context, &headers);
+        write_record(event, redactor, &headers, out);
+        return;
     }
     let record = RecordJson {
         decision_id: &decision.decision_id,
@@ -354,7 +400,7 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
         trace_id: event.traceparent.as_deref().and_then(trace_id),
         evaluation_latency_us: u64::try_from(decision.elapsed.as_micros()).unwrap_or(u64::MAX),
         cached: decision.cached,
-        context,
+        context: parsed_context(&event.context_json),
         request_entities: &decision.request_entities,
         headers: headers
             .into_iter()
@@ -363,7 +409,44 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
     };
     let mut value = serde_json::to_value(&record).unwrap_or(Value::Null);
     redactor.apply(&mut value);
-    serde_json::to_vec(&value).unwrap_or_default()
+    if serde_json::to_writer(out, &value).is_err() {
+        // Writing a `Value` to a `Vec` does not fail.
+    }
+}
+
+/// The context as a `Value`, for redaction.
+fn parsed_context(context_json: &str) -> Value {
+    if context_json.trim().is_empty() {
+        Value::Object(serde_json::Map::new())
+    } else {
+        // A context the engine rejected is never logged raw: it may hold anything.
+        serde_json::from_str(context_json)
+            .unwrap_or_else(|_| Value::String("[unparsable context]".into()))
+    }
+}
+
+/// Appends the redacted context: as sent (compacted) when no rule touches
+/// it and it holds no secret (the common case, one pass, nothing
+/// allocated), else parsed, redacted and written.
+fn write_context(context_json: &str, redactor: &Redactor, out: &mut Vec<u8>) {
+    if !redactor.has_context_rules() {
+        match context_json.trim() {
+            "" => {
+                out.extend_from_slice(b"{}");
+                return;
+            }
+            text => {
+                if super::redact::clean_json_into(text, out) {
+                    return;
+                }
+            }
+        }
+    }
+    let mut context = parsed_context(context_json);
+    redactor.apply_context(&mut context);
+    if serde_json::to_writer(&mut *out, &context).is_err() {
+        out.extend_from_slice(b"{}");
+    }
 }
 
 /// The JSON line of [`RecordJson`], byte for byte as `serde_json` writes
@@ -372,24 +455,23 @@ pub fn encode(event: &DecisionEvent, redactor: &Redactor) -> Vec<u8> {
 /// with callgrind, ARCHITECTURE.md).
 fn write_record(
     event: &DecisionEvent,
-    clean_context: Option<&[u8]>,
-    context: &Value,
+    redactor: &Redactor,
     headers: &[(Cow<'_, str>, &str)],
-) -> Vec<u8> {
+    out: &mut Vec<u8>,
+) {
     let decision = &event.decision;
-    let mut out = Vec::with_capacity(768);
     out.extend_from_slice(b"{\"decision_id\":");
-    push_json_str(&mut out, &decision.decision_id);
+    push_json_str(out, &decision.decision_id);
     out.extend_from_slice(b",\"timestamp\":\"");
-    push_rfc3339(&mut out, event.timestamp);
+    push_rfc3339(out, event.timestamp);
     out.extend_from_slice(b"\",\"transport\":\"");
     out.extend_from_slice(event.transport.as_str().as_bytes());
     out.extend_from_slice(b"\",\"principal\":");
-    push_uid(&mut out, event.principal.as_ref());
+    push_uid(out, event.principal.as_ref());
     out.extend_from_slice(b",\"action\":");
-    push_uid(&mut out, event.action.as_ref());
+    push_uid(out, event.action.as_ref());
     out.extend_from_slice(b",\"resource\":");
-    push_uid(&mut out, event.resource.as_ref());
+    push_uid(out, event.resource.as_ref());
     out.extend_from_slice(if decision.allowed {
         b",\"decision\":\"allow\",\"reasons\":["
     } else {
@@ -399,7 +481,7 @@ fn write_record(
         if index > 0 {
             out.push(b',');
         }
-        push_json_str(&mut out, reason);
+        push_json_str(out, reason);
     }
     out.extend_from_slice(b"],\"errors\":[");
     for (index, error) in decision.errors.iter().enumerate() {
@@ -407,15 +489,15 @@ fn write_record(
             out.push(b',');
         }
         out.extend_from_slice(b"{\"policy_id\":");
-        push_json_str(&mut out, &error.policy_id);
+        push_json_str(out, &error.policy_id);
         out.extend_from_slice(b",\"message\":");
-        push_json_str(&mut out, &error.message);
+        push_json_str(out, &error.message);
         out.push(b'}');
     }
     out.extend_from_slice(b"],\"policy_revision\":");
-    push_json_str(&mut out, &decision.policy_revision);
+    push_json_str(out, &decision.policy_revision);
     out.extend_from_slice(b",\"data_revision\":");
-    push_json_str(&mut out, &decision.data_revision);
+    push_json_str(out, &decision.data_revision);
     out.extend_from_slice(b",\"caller\":{");
     let mut first = true;
     let mut field = |out: &mut Vec<u8>, name: &[u8], value: &str| {
@@ -427,22 +509,22 @@ fn write_record(
         push_json_str(out, value);
     };
     if let Some(address) = event.caller.peer_address {
-        field(&mut out, b"\"peer_address\":", &socket_address(address));
+        field(out, b"\"peer_address\":", &socket_address(address));
     }
     if let Some(identity) = &event.caller.tls_identity {
-        field(&mut out, b"\"tls_identity\":", identity);
+        field(out, b"\"tls_identity\":", identity);
     }
     if let Some(peer) = &event.caller.uds_peer {
-        field(&mut out, b"\"uds_peer\":", peer);
+        field(out, b"\"uds_peer\":", peer);
     }
     out.push(b'}');
     if let Some(trace) = event.traceparent.as_deref().and_then(trace_id) {
         out.extend_from_slice(b",\"trace_id\":");
-        push_json_str(&mut out, trace);
+        push_json_str(out, trace);
     }
     out.extend_from_slice(b",\"evaluation_latency_us\":");
     push_u64(
-        &mut out,
+        out,
         u64::try_from(decision.elapsed.as_micros()).unwrap_or(u64::MAX),
     );
     out.extend_from_slice(if decision.cached {
@@ -450,21 +532,14 @@ fn write_record(
     } else {
         b",\"cached\":false,\"context\":"
     });
-    match clean_context {
-        Some(text) => out.extend_from_slice(text),
-        None => {
-            if serde_json::to_writer(&mut out, context).is_err() {
-                out.extend_from_slice(b"{}");
-            }
-        }
-    }
+    write_context(&event.context_json, redactor, out);
     if !decision.request_entities.is_empty() {
         out.extend_from_slice(b",\"request_entities\":[");
         for (index, uid) in decision.request_entities.iter().enumerate() {
             if index > 0 {
                 out.push(b',');
             }
-            push_json_str(&mut out, uid);
+            push_json_str(out, uid);
         }
         out.push(b']');
     }
@@ -474,14 +549,13 @@ fn write_record(
             if index > 0 {
                 out.push(b',');
             }
-            push_json_str(&mut out, name);
+            push_json_str(out, name);
             out.push(b':');
-            push_json_str(&mut out, value);
+            push_json_str(out, value);
         }
         out.push(b'}');
     }
     out.push(b'}');
-    out
 }
 
 #[cfg(test)]

@@ -60,6 +60,11 @@ impl Redactor {
         }
     }
 
+    /// Whether any `drop` or `hash` rule is set (secrets are stripped either way).
+    pub fn has_rules(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
     /// Whether every rule is inside `context` (then [`Self::apply_context`]
     /// and [`Self::keep_header`] redact a record without building it as a
     /// `Value` first).
@@ -121,15 +126,28 @@ impl Redactor {
 /// and parsing them into a `Value` to write them out again cost ~4,400
 /// instructions per record.
 pub fn clean_json_line(json: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(json.len());
+    clean_json_into(json, &mut out).then_some(out)
+}
+
+/// [`clean_json_line`] appending to `out`; false (and `out` as it was)
+/// when the text must be parsed and redacted.
+pub fn clean_json_into(json: &str, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
     let mut scanner = CleanScan {
         text: json,
         bytes: json.as_bytes(),
         at: 0,
-        out: Vec::with_capacity(json.len()),
+        out,
     };
-    scanner.value(0)?;
-    scanner.skip_space();
-    (scanner.at == scanner.bytes.len()).then_some(scanner.out)
+    let clean = scanner.value(0).is_some() && {
+        scanner.skip_space();
+        scanner.at == scanner.bytes.len()
+    };
+    if !clean {
+        out.truncate(start);
+    }
+    clean
 }
 
 /// Nesting deeper than this takes the slow path (as deep as `serde_json`
@@ -147,7 +165,7 @@ struct CleanScan<'a> {
     text: &'a str,
     bytes: &'a [u8],
     at: usize,
-    out: Vec<u8>,
+    out: &'a mut Vec<u8>,
 }
 
 impl CleanScan<'_> {

@@ -35,18 +35,34 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// Bytes of a frame besides the decision id and the payload.
 pub const FRAME_OVERHEAD: u64 = 4 + 4 + 8 + 1;
 
-/// One spooled record.
+/// One spooled record. `id` and `payload` are slices of the buffer the
+/// frame was written or read in: no copy or allocation per record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub seq: u64,
-    pub id: String,
+    /// The decision id as the frame stores it (at most 255 bytes).
+    pub id: Bytes,
     /// The JSON line, without newline.
     pub payload: Bytes,
+}
+
+impl Frame {
+    /// The decision id as text (cut before any invalid UTF-8, which only
+    /// a corrupt or hand-made spool could hold).
+    pub fn id(&self) -> &str {
+        match std::str::from_utf8(&self.id) {
+            Ok(id) => id,
+            Err(error) => {
+                std::str::from_utf8(self.id.get(..error.valid_up_to()).unwrap_or_default())
+                    .unwrap_or_default()
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,17 +182,20 @@ fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(firsts)
 }
 
-/// Encodes one frame onto `out`.
-pub fn encode_frame(out: &mut Vec<u8>, seq: u64, id: &str, payload: &[u8]) {
+/// Encodes one frame onto `out` (a `Vec<u8>` or the writer's `BytesMut`).
+pub fn encode_frame<B>(out: &mut B, seq: u64, id: &str, payload: &[u8])
+where
+    B: BufMut + std::ops::DerefMut<Target = [u8]>,
+{
     let id = &id.as_bytes()[..id.len().min(255)];
     let body_len = 8 + 1 + id.len() + payload.len();
     let start = out.len();
-    out.extend_from_slice(&(body_len as u32).to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.push(id.len() as u8);
-    out.extend_from_slice(id);
-    out.extend_from_slice(payload);
+    out.put_slice(&(body_len as u32).to_le_bytes());
+    out.put_slice(&[0; 4]);
+    out.put_slice(&seq.to_le_bytes());
+    out.put_u8(id.len() as u8);
+    out.put_slice(id);
+    out.put_slice(payload);
     let crc = crc32fast::hash(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
@@ -215,8 +234,9 @@ fn read_frame(reader: &mut impl Read) -> io::Result<(Next, u64)> {
     if 9 + id_len > len {
         return Ok((Next::Corrupt, 0));
     }
-    let id = String::from_utf8_lossy(&body[9..9 + id_len]).into_owned();
-    let payload = Bytes::from(body).slice(9 + id_len..);
+    let body = Bytes::from(body);
+    let id = body.slice(9..9 + id_len);
+    let payload = body.slice(9 + id_len..);
     Ok((Next::Frame(Frame { seq, id, payload }), 8 + len as u64))
 }
 
@@ -242,13 +262,29 @@ pub struct SpoolWriter {
     segments: VecDeque<Segment>,
     active: File,
     next_seq: u64,
-    buf: Vec<u8>,
+    /// Frames for the next write. Once written, the bytes are frozen and
+    /// the frames in [`SpoolShared::recent`] are slices of them.
+    buf: BytesMut,
     buf_records: u64,
     /// The buffered frames, to join [`SpoolShared::recent`] once written.
-    buf_frames: Vec<RecentFrame>,
+    buf_frames: Vec<BufferedFrame>,
     shared: Arc<SpoolShared>,
     _lock: File,
 }
+
+/// A frame in [`SpoolWriter`]'s buffer: where its id and payload are.
+#[derive(Debug)]
+struct BufferedFrame {
+    seq: u64,
+    id: std::ops::Range<usize>,
+    payload: std::ops::Range<usize>,
+    segment: u64,
+    end: u64,
+}
+
+/// The write buffer grows by at least this much at a time: frames of many
+/// writes share one allocation.
+const BUF_CHUNK: usize = 256 * 1024;
 
 /// What [`SpoolWriter::open`] found on disk.
 #[derive(Debug, Clone, Copy, Default)]
@@ -340,7 +376,7 @@ impl SpoolWriter {
             segments,
             active,
             next_seq,
-            buf: Vec::with_capacity(256 * 1024),
+            buf: BytesMut::with_capacity(BUF_CHUNK),
             buf_records: 0,
             buf_frames: Vec::new(),
             shared,
@@ -369,26 +405,26 @@ impl SpoolWriter {
     }
 
     /// Buffers one record; [`flush`](Self::flush) writes it.
-    pub fn push(&mut self, id: &str, payload: Bytes) -> u64 {
+    pub fn push(&mut self, id: &str, payload: &[u8]) -> u64 {
         let seq = self.next_seq;
-        encode_frame(&mut self.buf, seq, id, &payload);
+        let id_len = id.len().min(255);
+        let frame_len = FRAME_OVERHEAD as usize + id_len + payload.len();
+        if self.buf.capacity() - self.buf.len() < frame_len {
+            self.buf.reserve(frame_len.max(BUF_CHUNK));
+        }
+        let start = self.buf.len();
+        encode_frame(&mut self.buf, seq, id, payload);
         self.next_seq += 1;
         self.buf_records += 1;
         let (segment, written) = self
             .segments
             .back()
             .map_or((seq, 0), |active| (active.first, active.bytes));
-        self.buf_frames.push(RecentFrame {
-            frame: Frame {
-                seq,
-                // The id as the frame stores it (at most 255 bytes).
-                id: match id.get(..255) {
-                    None if id.len() <= 255 => id.to_owned(),
-                    Some(head) => head.to_owned(),
-                    None => String::from_utf8_lossy(&id.as_bytes()[..255]).into_owned(),
-                },
-                payload,
-            },
+        let id_start = start + FRAME_OVERHEAD as usize;
+        self.buf_frames.push(BufferedFrame {
+            seq,
+            id: id_start..id_start + id_len,
+            payload: id_start + id_len..self.buf.len(),
             segment,
             end: written + self.buf.len() as u64,
         });
@@ -408,14 +444,23 @@ impl SpoolWriter {
             active.end = self.next_seq;
         }
         self.shared.bytes.fetch_add(written, Ordering::Relaxed);
-        self.buf.clear();
+        // The rest of the allocation stays the buffer's.
+        let chunk = self.buf.split().freeze();
         self.buf_records = 0;
         // Written, so readers may have them from memory.
         self.shared
             .recent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .extend(self.buf_frames.drain(..));
+            .extend(self.buf_frames.drain(..).map(|frame| RecentFrame {
+                frame: Frame {
+                    seq: frame.seq,
+                    id: chunk.slice(frame.id),
+                    payload: chunk.slice(frame.payload),
+                },
+                segment: frame.segment,
+                end: frame.end,
+            }));
         self.shared.written.store(self.next_seq, Ordering::Release);
         if self
             .segments
@@ -612,13 +657,7 @@ impl SpoolReader {
     /// Up to `max` records from where this reader stands (empty: caught up).
     pub fn read(&mut self, max: usize) -> io::Result<Vec<Frame>> {
         let written = self.shared.written.load(Ordering::Acquire);
-        let floor = self.shared.floor.load(Ordering::Acquire);
-        if self.next < floor {
-            // Dropped by `drop_oldest`, which counted them.
-            self.next = floor;
-            self.file = None;
-        }
-        if let Some(frames) = self.read_recent(max, written) {
+        if let Some(frames) = self.read_memory_at(max, written) {
             return Ok(frames);
         }
         let mut out = Vec::new();
@@ -671,6 +710,27 @@ impl SpoolReader {
             }
         }
         Ok(out)
+    }
+
+    /// [`Self::read`] when it needs no file: the next batch from memory,
+    /// or nothing when caught up; `None` when the file must be read. Cheap
+    /// enough for an async task (a lock and reference counts, no IO).
+    pub fn read_memory(&mut self, max: usize) -> Option<Vec<Frame>> {
+        let written = self.shared.written.load(Ordering::Acquire);
+        self.read_memory_at(max, written)
+    }
+
+    fn read_memory_at(&mut self, max: usize, written: u64) -> Option<Vec<Frame>> {
+        let floor = self.shared.floor.load(Ordering::Acquire);
+        if self.next < floor {
+            // Dropped by `drop_oldest`, which counted them.
+            self.next = floor;
+            self.file = None;
+        }
+        if self.next >= written {
+            return Some(Vec::new());
+        }
+        self.read_recent(max, written)
     }
 
     /// The next batch from [`SpoolShared::recent`], when it holds `next`.
@@ -751,10 +811,7 @@ mod tests {
     fn write(writer: &mut SpoolWriter, n: u64) {
         for i in 0..n {
             let seq = writer.next_seq;
-            writer.push(
-                &format!("id-{seq}"),
-                Bytes::from(format!("{{\"n\":{i}}}").into_bytes()),
-            );
+            writer.push(&format!("id-{seq}"), format!("{{\"n\":{i}}}").as_bytes());
         }
         writer.flush().unwrap();
     }
@@ -796,7 +853,7 @@ mod tests {
         assert!(from_disk.resume.is_none());
         assert_eq!(got, disk);
         // A batch that was discarded (a failed write) never reaches memory.
-        writer.push("lost", Bytes::from_static(b"{}"));
+        writer.push("lost", b"{}");
         assert_eq!(writer.discard_buffer(), 1);
         write(&mut writer, 3);
         let after: Vec<u64> = a.read(100).unwrap().iter().map(|f| f.seq).collect();

@@ -29,7 +29,7 @@ impl GrpcSink {
         let records: Vec<pb::PublishRecord> = frames
             .iter()
             .map(|frame| pb::PublishRecord {
-                decision_id: frame.id.clone(),
+                decision_id: frame.id().to_owned(),
                 record_json: String::from_utf8_lossy(&frame.payload).into_owned(),
                 sequence: frame.seq,
             })

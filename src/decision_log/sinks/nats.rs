@@ -156,7 +156,7 @@ fn pack(
     }
     let packed = frames.get(..count).unwrap_or_default();
     let (first, last) = match (packed.first(), packed.last()) {
-        (Some(first), Some(last)) => (first.id.as_str(), last.id.as_str()),
+        (Some(first), Some(last)) => (first.id(), last.id()),
         _ => ("", ""),
     };
     let (id, payload) = if count == 1 {
@@ -228,7 +228,7 @@ mod tests {
         (0..n)
             .map(|i| Frame {
                 seq: i as u64,
-                id: format!("d{i}"),
+                id: format!("d{i}").into(),
                 payload: bytes::Bytes::from(vec![b'x'; size]),
             })
             .collect()
