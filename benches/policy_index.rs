@@ -41,6 +41,7 @@ fn snapshot(tenants: usize, index_min: usize) -> Snapshot {
         single_file: true,
         schema: Some(file("tenants.cedarschema", tenants::SCHEMA.to_owned())),
         entities: Some(file("tenants.json", tenants::entities(tenants))),
+        template_links: None,
     };
     let options = LoadOptions {
         decision_cache_capacity: 0,

@@ -178,6 +178,7 @@ fn memory(tenant_count: &str, stage: &str) -> Result<String, Error> {
         single_file: true,
         schema: Some(file("schema.cedarschema", tenants::SCHEMA.to_owned())),
         entities: Some(file("entities.json", tenants::entities(tenant_count))),
+        template_links: None,
     };
     let options = |index_min| LoadOptions {
         decision_cache_capacity: 0,

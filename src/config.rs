@@ -37,6 +37,15 @@ pub struct ServeArgs {
     /// Cedar entities JSON (the file identity source).
     #[arg(long, env = "ARBITER_ENTITIES", value_name = "PATH")]
     pub entities: Option<PathBuf>,
+    /// Template-linked policies (the Cedar CLI's links JSON), watched and
+    /// reloaded with the policies as one set.
+    #[arg(long, env = "ARBITER_TEMPLATE_LINKS", value_name = "FILE")]
+    pub template_links: Option<PathBuf>,
+    /// Decision fixtures (a file or a directory of `*.json`, as `arbiter
+    /// test` reads them) every new policy set must pass before it is served;
+    /// at startup a failure refuses to start.
+    #[arg(long = "tests", env = "ARBITER_TESTS", value_name = "PATH")]
+    pub tests: Option<PathBuf>,
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long, env = "ARBITER_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
@@ -188,6 +197,9 @@ pub struct ConfigFile {
     pub policies: Option<PathBuf>,
     pub schema: Option<PathBuf>,
     pub entities: Option<PathBuf>,
+    pub template_links: Option<PathBuf>,
+    /// Fixtures gating activation (see `--tests`).
+    pub tests: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     pub no_validate: Option<bool>,
@@ -265,6 +277,8 @@ impl ServeArgs {
                     &mut file.policies,
                     &mut file.schema,
                     &mut file.entities,
+                    &mut file.template_links,
+                    &mut file.tests,
                     &mut file.listen_uds,
                 ] {
                     if let Some(path) = p.as_mut().filter(|path| path.is_relative()) {
@@ -509,6 +523,8 @@ impl ServeArgs {
                 policies: self.policies.clone().or(file.policies),
                 schema: self.schema.clone().or(file.schema),
                 entities: self.entities.clone().or(file.entities),
+                template_links: self.template_links.clone().or(file.template_links),
+                tests: self.tests.clone().or(file.tests),
             },
             load: LoadOptions {
                 validate_policies: !(self.no_validate || file.no_validate.unwrap_or(false)),

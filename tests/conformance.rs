@@ -212,6 +212,7 @@ fn read_case(root: &Path, name: &str, warn_only: &HashSet<String>) -> TestCase {
             policies: Some(root.join(&file.policies)),
             schema: Some(root.join(&file.schema)),
             entities: Some(root.join(&file.entities)),
+            ..Default::default()
         },
         should_validate: file.should_validate,
         warn_only: warn_only.contains(name),

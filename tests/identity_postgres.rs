@@ -116,6 +116,7 @@ fn server_config(dir: &tempfile::TempDir) -> arbiter::app::ServeConfig {
         policies: Some(policies),
         schema: None,
         entities: None,
+        ..Default::default()
     })
 }
 
