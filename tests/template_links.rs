@@ -536,5 +536,113 @@ async fn links_reload_with_the_policies_and_a_bad_file_keeps_the_last_good_set()
     }
     let (_, body) = server.admin_get("/ready").await;
     assert!(body.contains("\"last_reload_error\":null"), "{body}");
+
+    // Policies and links are one set: renaming the template refuses the set
+    // (its links name the old id) until the links file follows.
+    let templates = dir.path().join("policies/templates.cedar");
+    let text = std::fs::read_to_string(&templates).unwrap();
+    save_by_rename(
+        &templates,
+        &text.replace("@id(\"document-share\")", "@id(\"doc-share\")"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = server.admin_get("/ready").await;
+        if body.contains("document-share") && body.contains("names no template") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the half-edited set was not refused: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = client
+        .check(read_roadmap("dave"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.reasons, ["share-roadmap-with-dave-again"]);
+    save_by_rename(
+        &links,
+        &original
+            .replace("share-roadmap-with-dave", "share-roadmap-with-dave-3")
+            .replace(
+                "\"template_id\": \"document-share\"",
+                "\"template_id\": \"doc-share\"",
+            ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = client
+            .check(read_roadmap("dave"))
+            .await
+            .unwrap()
+            .into_inner();
+        if answer.reasons == ["share-roadmap-with-dave-3"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the completed edit was not served: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.stop().await.unwrap();
+}
+
+#[test]
+fn a_fixture_files_own_bad_links_are_refused_naming_the_file_and_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = example_with_templates(dir.path());
+    let snapshot = load(&sources).unwrap();
+    let fixture = dir.path().join("own-links.json");
+    let case = r#"{"name": "n", "principal": "Saas::User::\"dave\"", "action": "Saas::Action::\"read\"",
+        "resource": "Saas::Document::\"acme-roadmap\"", "context": {"mfa": true, "source_ip": "10.1.2.3"},
+        "decision": "allow", "reasons": ["share-roadmap-with-dave"]}"#;
+    for (links, needles) in [
+        (
+            format!(
+                "[{}]",
+                link(
+                    "document-share",
+                    "share-roadmap-with-dave",
+                    &format!("{DAVE}, {ROADMAP}")
+                )
+            ),
+            &["entry 0", "already a policy or template id"][..],
+        ),
+        (
+            format!(
+                "[{}, {}]",
+                link("document-share", "x", &format!("{DAVE}, {ROADMAP}")),
+                link("nope", "y", DAVE)
+            ),
+            &["entry 1", "`template_id`", "names no template"][..],
+        ),
+        (
+            format!(
+                "[{}]",
+                link(
+                    "document-share",
+                    "z",
+                    &format!("\"?principal\": \"Saas::Tenant::\\\"acme\\\"\", {ROADMAP}")
+                )
+            ),
+            &["entry 0", "does not validate against the schema"][..],
+        ),
+    ] {
+        std::fs::write(
+            &fixture,
+            format!(r#"{{"template_links": {links}, "cases": [{case}]}}"#),
+        )
+        .unwrap();
+        let error = fixtures::run_fixtures(&snapshot, std::slice::from_ref(&fixture))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("own-links.json"), "{error}");
+        for needle in needles {
+            assert!(error.contains(needle), "lacks {needle:?}: {error}");
+        }
+    }
 }
