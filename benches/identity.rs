@@ -153,6 +153,7 @@ fn engine_with_caches(
         single_file: true,
         schema: None,
         entities: None,
+        template_links: None,
     };
     let options = LoadOptions {
         decision_cache_capacity,

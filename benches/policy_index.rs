@@ -36,12 +36,28 @@ fn file(name: &str, text: String) -> SourceFile {
 
 /// The snapshot of `tenants` tenants; `index_min` as in `LoadOptions`.
 fn snapshot(tenants: usize, index_min: usize) -> Snapshot {
-    let inputs = Inputs {
-        policy_files: vec![file("tenants.cedar", tenants::policies(tenants))],
+    snapshot_of(tenants, index_min, false)
+}
+
+/// The inputs of `tenants` tenants, the shares static or as template links.
+fn inputs(tenants: usize, linked: bool) -> Inputs {
+    let (policies, links) = if linked {
+        let (policies, links) = tenants::policies_linked(tenants);
+        (policies, Some(file("links.json", links)))
+    } else {
+        (tenants::policies(tenants), None)
+    };
+    Inputs {
+        policy_files: vec![file("tenants.cedar", policies)],
         single_file: true,
         schema: Some(file("tenants.cedarschema", tenants::SCHEMA.to_owned())),
         entities: Some(file("tenants.json", tenants::entities(tenants))),
-    };
+        template_links: links,
+    }
+}
+
+fn snapshot_of(tenants: usize, index_min: usize, linked: bool) -> Snapshot {
+    let inputs = inputs(tenants, linked);
     let options = LoadOptions {
         decision_cache_capacity: 0,
         policy_index_min: index_min,
@@ -121,10 +137,32 @@ fn bench_decisions(
     sizes: &[(usize, &str, usize)],
     sample_size: usize,
 ) {
+    bench_decisions_of(
+        c,
+        group_name,
+        sizes,
+        sample_size,
+        |tenants, side, index_min| snapshot_of(tenants, index_min, side == "links"),
+    );
+}
+
+fn bench_decisions_of(
+    c: &mut Criterion,
+    group_name: &str,
+    sizes: &[(usize, &str, usize)],
+    sample_size: usize,
+    make: impl Fn(usize, &str, usize) -> Snapshot,
+) {
     // `cargo test --all-targets` (CI) runs each benchmark once, in a debug
     // build: there the large sets (seconds to load even in release) are
     // left out; `cargo bench` passes `--bench`.
     let measuring = std::env::args().any(|arg| arg == "--bench");
+    // A filter on the command line that cannot match this group: skip
+    // loading its sets too (at 100k policies that takes seconds).
+    let filter = std::env::args().skip(1).find(|arg| !arg.starts_with('-'));
+    if filter.is_some_and(|filter| !group_name.contains(filter.split('/').next().unwrap_or(""))) {
+        return;
+    }
     let engine = Engine::new();
     let mut group = c.benchmark_group(group_name);
     group.throughput(Throughput::Elements(1));
@@ -133,7 +171,7 @@ fn bench_decisions(
         if !measuring && tenants > 10 {
             continue;
         }
-        let snapshot = snapshot(tenants, index_min);
+        let snapshot = make(tenants, side, index_min);
         let requests = requests(tenants);
         verify(&engine, &snapshot, &requests);
         let inputs: Vec<CheckInput<'_>> = requests.iter().map(Owned::input).collect();
@@ -149,6 +187,24 @@ fn bench_decisions(
         });
     }
     group.finish();
+}
+
+/// Issue 20: 100k policies whose per-document shares are links of one
+/// template against the same shares as static policies, index on, the same
+/// requests and answers. Load time and memory per side: `tenant_load memory
+/// 10000 index` against `tenant_load memory 10000 links` (one process each).
+fn bench_links(c: &mut Criterion) {
+    bench_decisions(
+        c,
+        "links_vs_static",
+        &[
+            (10, "static", 0),
+            (10, "links", 0),
+            (10_000, "static", 0),
+            (10_000, "links", 0),
+        ],
+        100,
+    );
 }
 
 fn bench_index(c: &mut Criterion) {
@@ -203,6 +259,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = bench_index
+    targets = bench_index, bench_links
 }
 criterion_main!(benches);

@@ -17,7 +17,8 @@
 //!       /proc/self/status, and the seconds the stage took: `text` (the
 //!       generated texts), `parsed` (and the policies parsed by Cedar as one
 //!       text, as the loader does), `whole` (a loaded snapshot without the
-//!       index: parse, validation, entities), `index` (with it). The heap
+//!       index: parse, validation, entities), `index` (with it), `links`
+//!       (as `index`, the per-document shares as links of one template). The heap
 //!       keeps what the parser freed, so `set` and `set+index` parse one
 //!       policy at a time (small transients) and show what the policy set
 //!       itself and the index built on it (`PolicySnapshot::new`) hold.
@@ -178,6 +179,7 @@ fn memory(tenant_count: &str, stage: &str) -> Result<String, Error> {
         single_file: true,
         schema: Some(file("schema.cedarschema", tenants::SCHEMA.to_owned())),
         entities: Some(file("entities.json", tenants::entities(tenant_count))),
+        template_links: None,
     };
     let options = |index_min| LoadOptions {
         decision_cache_capacity: 0,
@@ -217,6 +219,15 @@ fn memory(tenant_count: &str, stage: &str) -> Result<String, Error> {
         }
         "whole" => Box::new(build(&inputs, options(usize::MAX)).map_err(|e| e.to_string())?),
         "index" => Box::new(build(&inputs, options(0)).map_err(|e| e.to_string())?),
+        "links" => {
+            let (policies, links) = tenants::policies_linked(tenant_count);
+            let linked = Inputs {
+                policy_files: vec![file("policies.cedar", policies)],
+                template_links: Some(file("links.json", links)),
+                ..inputs.clone()
+            };
+            Box::new(build(&linked, options(0)).map_err(|e| e.to_string())?)
+        }
         other => return Err(format!("unknown stage `{other}`").into()),
     };
     let took = started.elapsed();

@@ -245,6 +245,7 @@ fn embedded() -> Inputs {
                 single_file: false,
                 schema: None,
                 entities: None,
+                template_links: None,
             }
         }
     }
@@ -680,6 +681,7 @@ pub fn policy_loader(data: &[u8]) {
         single_file,
         schema,
         entities,
+        template_links: None,
     };
     let options = LoadOptions {
         validate_policies: flags & 16 == 0,

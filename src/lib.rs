@@ -34,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod decision_log;
 pub mod engine;
+pub mod fixtures;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;

@@ -1,5 +1,6 @@
-//! Hot reload: watches the policy, schema and entity files and publishes a
-//! new snapshot when they change. An invalid edit keeps the last good
+//! Hot reload: watches the policy, schema, entity and template-link files
+//! (and the `--tests` fixtures) and publishes a new snapshot when they
+//! change; with `--tests`, only a set that passes every fixture. An invalid edit keeps the last good
 //! snapshot serving and is reported (log, metric, `/ready` details).
 //!
 //! Watching is by polling a fingerprint (path, size, mtime, inode of every
@@ -14,7 +15,8 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 
-use crate::engine::{Engine, LoadError, LoadOptions, Sources, loader};
+use crate::engine::{Engine, LoadDiagnostic, LoadError, LoadOptions, Sources, loader};
+use crate::fixtures;
 use crate::telemetry::ReloadMetrics;
 
 /// What the admin endpoints report about loading.
@@ -91,7 +93,12 @@ fn stamp_tree(path: &Path, stamps: &mut Vec<Option<FileStamp>>) {
             }
             if entry.is_dir() {
                 stamp_tree(&entry, stamps);
-            } else if entry.extension().is_some_and(|ext| ext == "cedar") {
+            } else if entry
+                .extension()
+                .is_some_and(|ext| ext == "cedar" || ext == "json")
+            {
+                // `.json`: fixture files in a `--tests` directory (a fixture
+                // edit inside a policies directory reloads the same set).
                 stamps.push(stamp(&entry));
             }
         }
@@ -100,8 +107,19 @@ fn stamp_tree(path: &Path, stamps: &mut Vec<Option<FileStamp>>) {
     }
 }
 
+/// Why a candidate policy set was refused (the `reason` label of
+/// `arbiter_policy_reload_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The files do not load or validate.
+    Invalid,
+    /// The set loads, but a decision fixture (`serve --tests`) fails on it.
+    Tests,
+}
+
 /// Loads and publishes a snapshot, updating metrics and status. Returns the
-/// load error, already logged, when the files are invalid.
+/// load error, already logged, when the files are invalid or the set fails
+/// its fixtures.
 pub fn load_and_publish(
     engine: &Engine,
     sources: &Sources,
@@ -109,20 +127,69 @@ pub fn load_and_publish(
     metrics: &ReloadMetrics,
     status: &LoadStatus,
 ) -> Result<(), LoadError> {
-    let loaded = loader::load(sources, options).and_then(|(snapshot, report)| {
-        if snapshot.policies.policy_count() == 0 && !options.allow_empty_policies {
-            let name = sources
-                .policies
-                .as_ref()
-                .map_or_else(|| "<policies>".to_owned(), |p| p.display().to_string());
-            return Err(LoadError::one(
-                &name,
-                "no policies: every request would be denied (an unmounted volume?); \
+    load_gated(engine, sources, options, metrics, status).map_err(|(_, error)| error)
+}
+
+/// Runs the fixtures at `tests` against a candidate set: every failing case
+/// (or a fixture that cannot be read) becomes a diagnostic naming it.
+fn gate(snapshot: &crate::engine::Snapshot, tests: &Path) -> Result<(), LoadError> {
+    let report = fixtures::run_fixtures(snapshot, &[tests.to_path_buf()])
+        .map_err(|error| LoadError::one(tests.display().to_string(), error))?;
+    if report.all_passed() {
+        return Ok(());
+    }
+    Err(LoadError {
+        diagnostics: report
+            .failures
+            .iter()
+            .map(|failure| {
+                LoadDiagnostic::plain(
+                    &failure.file,
+                    format!("fixture failed: {}", failure_text(failure)),
+                )
+            })
+            .collect(),
+    })
+}
+
+/// A failure without its file name, which the diagnostic already carries.
+fn failure_text(failure: &fixtures::CaseFailure) -> String {
+    let full = failure.to_string();
+    full.strip_prefix(&format!("{}: ", failure.file))
+        .map_or(full.clone(), str::to_owned)
+}
+
+fn load_gated(
+    engine: &Engine,
+    sources: &Sources,
+    options: LoadOptions,
+    metrics: &ReloadMetrics,
+    status: &LoadStatus,
+) -> Result<(), (Refusal, LoadError)> {
+    let loaded = loader::load(sources, options)
+        .map_err(|error| (Refusal::Invalid, error))
+        .and_then(|(snapshot, report)| {
+            if snapshot.policies.policy_count() == 0 && !options.allow_empty_policies {
+                let name = sources
+                    .policies
+                    .as_ref()
+                    .map_or_else(|| "<policies>".to_owned(), |p| p.display().to_string());
+                return Err((
+                    Refusal::Invalid,
+                    LoadError::one(
+                        &name,
+                        "no policies: every request would be denied (an unmounted volume?); \
                  set `allow_empty_policies = true` to serve an empty set",
-            ));
-        }
-        Ok((snapshot, report))
-    });
+                    ),
+                ));
+            }
+            // After validation, before the swap: a set that breaks its author's
+            // fixtures is never served.
+            if let Some(tests) = &sources.tests {
+                gate(&snapshot, tests).map_err(|error| (Refusal::Tests, error))?;
+            }
+            Ok((snapshot, report))
+        });
     match loaded {
         Ok((snapshot, report)) => {
             for warning in &report.warnings {
@@ -146,11 +213,15 @@ pub fn load_and_publish(
             engine.publish(snapshot);
             Ok(())
         }
-        Err(error) => {
+        Err((refusal, error)) => {
             let rendered = error.render();
-            tracing::error!(target: "arbiter::policy", "policy set refused:\n{rendered}");
+            let why = match refusal {
+                Refusal::Invalid => "",
+                Refusal::Tests => " (decision fixtures failed)",
+            };
+            tracing::error!(target: "arbiter::policy", "policy set refused{why}:\n{rendered}");
             status.last_error.store(Some(Arc::new(error.to_string())));
-            Err(error)
+            Err((refusal, error))
         }
     }
 }
@@ -196,10 +267,11 @@ pub async fn watch_files(
         let metrics = metrics.clone();
         let status = status.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let outcome = load_and_publish(&engine, &sources, options, &metrics, &status);
+            let outcome = load_gated(&engine, &sources, options, &metrics, &status);
             match &outcome {
                 Ok(_) => metrics.reloads.increment(1),
-                Err(_) => metrics.reload_failures.increment(1),
+                Err((Refusal::Invalid, _)) => metrics.reload_failures.increment(1),
+                Err((Refusal::Tests, _)) => metrics.reload_failures_tests.increment(1),
             }
             outcome.is_ok()
         })

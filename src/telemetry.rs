@@ -86,7 +86,8 @@ fn describe() {
     metrics::describe_counter!("arbiter_policy_reloads_total", "Successful policy reloads");
     metrics::describe_counter!(
         "arbiter_policy_reload_failures_total",
-        "Reloads refused because the new files were invalid"
+        "Reloads refused: reason=\"invalid\" (files that do not load or validate) or \
+         reason=\"tests\" (a decision fixture failed, `serve --tests`)"
     );
 }
 
@@ -143,7 +144,10 @@ pub struct ReloadMetrics {
     pub policies_loaded: Gauge,
     pub entities_loaded: Gauge,
     pub reloads: Counter,
+    /// Refused because the files are invalid (`reason="invalid"`).
     pub reload_failures: Counter,
+    /// Refused because a decision fixture failed (`reason="tests"`).
+    pub reload_failures_tests: Counter,
 }
 
 impl ReloadMetrics {
@@ -152,7 +156,8 @@ impl ReloadMetrics {
             policies_loaded: metrics::gauge!("arbiter_policies_loaded"),
             entities_loaded: metrics::gauge!("arbiter_entities_loaded"),
             reloads: metrics::counter!("arbiter_policy_reloads_total"),
-            reload_failures: metrics::counter!("arbiter_policy_reload_failures_total"),
+            reload_failures: metrics::counter!("arbiter_policy_reload_failures_total", "reason" => "invalid"),
+            reload_failures_tests: metrics::counter!("arbiter_policy_reload_failures_total", "reason" => "tests"),
         }
     }
 }

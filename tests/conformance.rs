@@ -31,6 +31,16 @@
 //! answer with the rule applied (in the sample: 212 such allows, 116 of them
 //! with an erroring forbid).
 
+//!
+//! Template links (issue 20): the corpus has no templates, so
+//! `sampled_corpus_as_template_links_in_process` (the sample; the whole
+//! corpus in the ignored `whole_corpus_as_template_links_in_process`) and
+//! `handwritten_as_template_links_through_grpc` rewrite every policy whose
+//! principal or resource scope names a uid (`==`, `in`, `is … in`) as a
+//! template with a slot there plus a link (`--template-links`) whose id is
+//! the original policy id (`templated`), and expect Cedar's answers to the
+//! original set: decision, reasons, errors, and the same validation outcome.
+
 // Tests fail by panicking.
 #![allow(clippy::panic)]
 
@@ -138,7 +148,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 struct UidJson {
     #[serde(rename = "type")]
     type_name: String,
@@ -146,7 +156,7 @@ struct UidJson {
 }
 
 /// One request, ready to send, with the answer Cedar gives.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Request {
     description: String,
     principal: UidJson,
@@ -212,6 +222,7 @@ fn read_case(root: &Path, name: &str, warn_only: &HashSet<String>) -> TestCase {
             policies: Some(root.join(&file.policies)),
             schema: Some(root.join(&file.schema)),
             entities: Some(root.join(&file.entities)),
+            ..Default::default()
         },
         should_validate: file.should_validate,
         warn_only: warn_only.contains(name),
@@ -927,21 +938,29 @@ fn ask_in_process(
 
 /// One test file in-process: the load with validation on, then the answers.
 fn check_case_in_process(case: &TestCase, mode: OnEvaluationError) -> Tally {
+    match loader::read_inputs(&case.sources) {
+        Ok(inputs) => check_inputs_in_process(case, &inputs, mode),
+        Err(error) => {
+            let mut tally = Tally {
+                files: 1,
+                ..Tally::default()
+            };
+            tally.unanswered(case, format!("cannot read: {}", error));
+            tally
+        }
+    }
+}
+
+/// [`check_case_in_process`] on given texts (the corpus's, or rewritten).
+fn check_inputs_in_process(case: &TestCase, inputs: &Inputs, mode: OnEvaluationError) -> Tally {
     let mut tally = Tally {
         files: 1,
         ..Tally::default()
     };
-    let inputs: Inputs = match loader::read_inputs(&case.sources) {
-        Ok(inputs) => inputs,
-        Err(error) => {
-            tally.unanswered(case, format!("cannot read: {}", error));
-            return tally;
-        }
-    };
     let options = |validate_policies, validate_requests| {
         options_in(mode, validate_policies, validate_requests)
     };
-    let (load, snapshot) = match loader::build(&inputs, options(true, true)) {
+    let (load, snapshot) = match loader::build(inputs, options(true, true)) {
         Ok((snapshot, _)) => (ValidatedLoad::Loaded, Some(snapshot)),
         Err(_) => (ValidatedLoad::Refused, None),
     };
@@ -952,7 +971,7 @@ fn check_case_in_process(case: &TestCase, mode: OnEvaluationError) -> Tally {
             tally.unanswered(case, "refused with validation on");
             return tally;
         }
-        _ => match loader::build(&inputs, options(false, true)) {
+        _ => match loader::build(inputs, options(false, true)) {
             Ok((snapshot, _)) => snapshot,
             Err(error) => {
                 let why = format!("refused with validation off: {}", error);
@@ -964,7 +983,7 @@ fn check_case_in_process(case: &TestCase, mode: OnEvaluationError) -> Tally {
     let unvalidated = if case.requests.iter().all(|request| request.validate_request) {
         None
     } else {
-        match loader::build(&inputs, options(false, false)) {
+        match loader::build(inputs, options(false, false)) {
             Ok((snapshot, _)) => Some(snapshot),
             Err(error) => {
                 let why = format!("refused with validation off: {}", error);
@@ -1177,4 +1196,195 @@ fn whole_corpus_in_process() {
     let (cases, _unpacked) = corpus_cases(None);
     let tally = check_in_process(&cases, OnEvaluationError::SkipPolicy);
     tally.report("whole corpus in process", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------
+// Template links: the corpus again, its scoped policies as linked templates
+
+/// A corpus policy set rewritten: every policy whose principal or resource
+/// scope names a uid (`==`, `in`, `is … in`) becomes a template with a slot
+/// there (`@id("<id>.template")`) and a link with the original uid, whose
+/// id is the original policy id. Other policies stay as they are, with their
+/// id made explicit. Every request must get the same answer, reasons and
+/// errors included.
+struct Templated {
+    policies: String,
+    links: String,
+    templates: usize,
+}
+
+fn templated(policies_text: &str) -> Result<Templated, String> {
+    use cedar_policy::{PolicyId, PrincipalConstraint, ResourceConstraint, Template};
+    let set: cedar_policy::PolicySet = policies_text.parse().map_err(|e| format!("{e}"))?;
+    let count = set.num_of_policies();
+    let mut text = String::new();
+    let mut links = Vec::new();
+    for position in 0..count {
+        let positional = PolicyId::new(format!("policy{position}"));
+        let policy = set
+            .policy(&positional)
+            .ok_or_else(|| format!("no `{positional}` in a single file"))?;
+        let id = policy
+            .annotation("id")
+            .map_or_else(|| positional.to_string(), str::to_owned);
+        let principal = match policy.principal_constraint() {
+            PrincipalConstraint::Eq(uid)
+            | PrincipalConstraint::In(uid)
+            | PrincipalConstraint::IsIn(_, uid) => Some(uid),
+            _ => None,
+        };
+        let resource = match policy.resource_constraint() {
+            ResourceConstraint::Eq(uid)
+            | ResourceConstraint::In(uid)
+            | ResourceConstraint::IsIn(_, uid) => Some(uid),
+            _ => None,
+        };
+        if principal.is_none() && resource.is_none() {
+            if policy.annotation("id").is_none() {
+                text.push_str(&format!("@id({:?})\n", id));
+            }
+            text.push_str(&format!("{policy}\n"));
+            continue;
+        }
+        let mut json = policy.to_json().map_err(|e| format!("{e}"))?;
+        let mut args = serde_json::Map::new();
+        for (part, slot, uid) in [
+            ("principal", "?principal", principal),
+            ("resource", "?resource", resource),
+        ] {
+            let Some(uid) = uid else { continue };
+            let scope = &mut json[part];
+            let target = if scope.get("in").is_some() && scope.get("entity_type").is_some() {
+                &mut scope["in"]
+            } else {
+                scope
+            };
+            let object = target
+                .as_object_mut()
+                .ok_or_else(|| format!("`{id}`: {part} scope is not an object"))?;
+            object.remove("entity");
+            object.insert("slot".into(), slot.into());
+            args.insert(slot.into(), uid.to_string().into());
+        }
+        let template_id = format!("{id}.template");
+        json["annotations"]["id"] = template_id.clone().into();
+        let template = Template::from_json(Some(PolicyId::new(&template_id)), json)
+            .map_err(|e| format!("`{id}`: {e}"))?;
+        text.push_str(&format!("{template}\n"));
+        links.push(serde_json::json!({
+            "template_id": template_id,
+            "link_id": id,
+            "args": args,
+        }));
+    }
+    Ok(Templated {
+        policies: text,
+        templates: links.len(),
+        links: serde_json::Value::Array(links).to_string(),
+    })
+}
+
+/// A test with its policies rewritten as linked templates, in `dir`.
+fn templated_case(case: &TestCase, dir: &Path) -> Result<(TestCase, usize), String> {
+    let Some(path) = &case.sources.policies else {
+        return Err("no policies".into());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{e}"))?;
+    let rewritten = templated(&text)?;
+    let policies = dir.join("policies.cedar");
+    let links = dir.join("links.json");
+    std::fs::write(&policies, &rewritten.policies).map_err(|e| format!("{e}"))?;
+    std::fs::write(&links, &rewritten.links).map_err(|e| format!("{e}"))?;
+    let case = TestCase {
+        name: case.name.clone(),
+        sources: Sources {
+            policies: Some(policies),
+            template_links: Some(links),
+            ..case.sources.clone()
+        },
+        should_validate: case.should_validate,
+        warn_only: case.warn_only,
+        requests: case.requests.clone(),
+    };
+    Ok((case, rewritten.templates))
+}
+
+/// One test in-process with its policies as linked templates.
+fn check_case_templated(case: &TestCase, templates: &AtomicUsize) -> Tally {
+    let mut tally = Tally {
+        files: 1,
+        ..Tally::default()
+    };
+    let dir = match tempfile::tempdir() {
+        Ok(dir) => dir,
+        Err(error) => {
+            tally.unanswered(case, format!("no temporary directory: {error}"));
+            return tally;
+        }
+    };
+    match templated_case(case, dir.path()) {
+        Ok((templated, count)) => {
+            templates.fetch_add(count, Ordering::Relaxed);
+            check_case_in_process(&templated, OnEvaluationError::SkipPolicy)
+        }
+        Err(error) => {
+            tally.unanswered(case, format!("cannot rewrite as templates: {error}"));
+            tally
+        }
+    }
+}
+
+#[test]
+fn sampled_corpus_as_template_links_in_process() {
+    let started = Instant::now();
+    let (cases, _unpacked) = corpus_cases(Some(SAMPLE_STEP));
+    let templates = AtomicUsize::new(0);
+    let tally = check_each(&cases, |case| check_case_templated(case, &templates));
+    let templates = templates.into_inner();
+    println!("policies rewritten as template + link: {templates}");
+    tally.report(
+        "handwritten + sampled corpus as template links, in process",
+        started.elapsed(),
+    );
+    // 202 in the sample: enough that links are what is being checked.
+    assert!(templates >= 150, "too few policies rewritten: {templates}");
+}
+
+#[test]
+#[ignore = "the whole corpus: cargo test --release --test conformance -- --ignored --nocapture"]
+fn whole_corpus_as_template_links_in_process() {
+    let started = Instant::now();
+    let (cases, _unpacked) = corpus_cases(None);
+    let templates = AtomicUsize::new(0);
+    let tally = check_each(&cases, |case| check_case_templated(case, &templates));
+    println!(
+        "policies rewritten as template + link: {}",
+        templates.into_inner()
+    );
+    tally.report(
+        "whole corpus as template links, in process",
+        started.elapsed(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handwritten_as_template_links_through_grpc() {
+    let started = Instant::now();
+    let dir = corpus_dir();
+    let cases = handwritten(&dir, &warn_only(&dir));
+    let mut tally = Tally::default();
+    let mut templates = 0;
+    for case in &cases {
+        let temp = tempfile::tempdir().unwrap_or_else(|error| panic!("{error}"));
+        let (templated, count) = templated_case(case, temp.path())
+            .unwrap_or_else(|error| panic!("`{}`: {error}", case.name));
+        templates += count;
+        tally.merge(check_case_grpc(&templated).await);
+    }
+    println!("policies rewritten as template + link: {templates}");
+    tally.report(
+        "handwritten corpus as template links through gRPC",
+        started.elapsed(),
+    );
+    assert!(templates >= 20, "too few policies rewritten: {templates}");
 }

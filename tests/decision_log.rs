@@ -39,6 +39,7 @@ fn write_policies(dir: &Path) -> Sources {
         policies: Some(dir.join("policies.cedar")),
         schema: None,
         entities: None,
+        ..Default::default()
     }
 }
 

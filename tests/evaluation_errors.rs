@@ -28,6 +28,7 @@ fn decide(policies: &str, mode: OnEvaluationError) -> Decision {
         single_file: true,
         schema: None,
         entities: None,
+        template_links: None,
     };
     let options = LoadOptions {
         on_evaluation_error: mode,

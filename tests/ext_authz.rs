@@ -800,6 +800,7 @@ when { context.tls };
         policies: Some(dir.join("policies.cedar")),
         schema: None,
         entities: Some(dir.join("entities.json")),
+        ..Default::default()
     }
 }
 

@@ -106,6 +106,7 @@ async fn a_chain_in_a_reloaded_entities_file_keeps_the_last_good_data() {
         policies: Some(example()),
         schema: Some(example().join("schema.cedarschema")),
         entities: Some(file.clone()),
+        ..Default::default()
     }))
     .await;
     let mut client = server.client().await;

@@ -120,6 +120,7 @@ fn server_config(dir: &tempfile::TempDir) -> arbiter::app::ServeConfig {
         policies: Some(policies),
         schema: None,
         entities: None,
+        ..Default::default()
     })
 }
 

@@ -221,6 +221,7 @@ when {{ principal has status && principal.status != "active" }};
         policies: Some(policies),
         schema: None,
         entities: None,
+        ..Default::default()
     });
     config.identity = Some(IdentityConfig {
         scim: Some(ScimConfig {
@@ -316,6 +317,7 @@ permit (principal in Saas::Group::"{top}", action == Saas::Action::"read", resou
         policies: Some(policies),
         schema: None,
         entities: None,
+        ..Default::default()
     });
     config.identity = Some(IdentityConfig {
         scim: Some(ScimConfig {

@@ -166,7 +166,7 @@ async fn good_edit_goes_live_and_bad_edit_keeps_last_good_set() {
     let (_, metrics) = server.admin_get("/metrics").await;
     let failures: f64 = metrics
         .lines()
-        .find(|l| l.starts_with("arbiter_policy_reload_failures_total"))
+        .find(|l| l.starts_with("arbiter_policy_reload_failures_total{reason=\"invalid\"}"))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
@@ -266,6 +266,7 @@ async fn configmap_symlink_swap_is_picked_up() {
         policies: Some(m.to_path_buf()),
         schema: Some(m.join("schema.cedarschema")),
         entities: Some(m.join("entities.json")),
+        ..Default::default()
     };
     let server = TestServer::start(config(sources)).await;
     let mut client = server.client().await;

@@ -194,6 +194,7 @@ fn example_set(dir: &std::path::Path) -> arbiter::engine::Sources {
         policies: Some(policies),
         schema: Some(dir.join("schema.cedarschema")),
         entities: Some(dir.join("entities.json")),
+        ..Default::default()
     }
 }
 

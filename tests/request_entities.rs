@@ -285,6 +285,7 @@ async fn add_refuses_a_request_entity_in_the_place_of_a_stored_entitys_parent() 
         policies: Some(root.clone()),
         schema: Some(root.join("schema.cedarschema")),
         entities: Some(dir.path().join("entities.json")),
+        ..Default::default()
     });
     config.load.request_entities = RequestEntitiesMode::Add;
     let server = TestServer::start(config).await;

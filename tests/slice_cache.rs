@@ -85,6 +85,7 @@ fn publish_policies_with(engine: &Engine, decision_cache_capacity: u64, slice_ca
         single_file: true,
         schema: None,
         entities: None,
+        template_links: None,
     };
     let options = LoadOptions {
         decision_cache_capacity,

@@ -6,6 +6,10 @@
 //! `benches/policy_index.rs` (in process) and `examples/tenant_load.rs`
 //! (files for a server, and its load).
 //!
+//! The shares can also be emitted as links of one template
+//! (`policies_linked`): the same policy ids, the same answers, the shape
+//! Amazon Verified Permissions users give per-document sharing.
+//!
 //! Tenant `t` has users `t<t>-u0` (editor) to `t<t>-u3` (viewers), documents
 //! `t<t>-d0` to `t<t>-d7` (document `j` is owned by user `j % 4`), and
 //! shares its document `j` with user `j % 4` of the next tenant (read).
@@ -42,6 +46,19 @@ pub fn tenants_for(policies: usize) -> usize {
 
 /// Cedar text of the policies of `tenants` tenants and the guardrails.
 pub fn policies(tenants: usize) -> String {
+    policies_with(tenants, false).0
+}
+
+/// The same set with every per-document share a link of the template
+/// `share`: the policy text (roles, guardrails, the template) and the links
+/// file (the Cedar CLI's format). Link ids are the static shares' ids.
+pub fn policies_linked(tenants: usize) -> (String, String) {
+    policies_with(tenants, true)
+}
+
+fn policies_with(tenants: usize, linked: bool) -> (String, String) {
+    let mut links = String::with_capacity(if linked { tenants * DOCS * 130 } else { 2 });
+    links.push('[');
     let mut out = String::with_capacity(tenants * PER_TENANT * 140 + 600);
     out.push_str(
         "@id(\"guard-risk\")\n\
@@ -52,6 +69,12 @@ pub fn policies(tenants: usize) -> String {
          @id(\"guard-owner\")\n\
          permit (principal, action == Action::\"delete\", resource) when { resource.owner == principal };\n",
     );
+    if linked {
+        out.push_str(
+            "@id(\"share\")\n\
+             permit (principal == ?principal, action == Action::\"read\", resource == ?resource);\n",
+        );
+    }
     for t in 0..tenants {
         let next = (t + 1) % tenants;
         let _ = write!(
@@ -62,15 +85,26 @@ pub fn policies(tenants: usize) -> String {
              permit (principal in Group::\"t{t}-editors\", action in [Action::\"read\", Action::\"write\"], resource in Tenant::\"t{t}\");\n"
         );
         for j in 0..DOCS {
-            let _ = writeln!(
-                out,
-                "@id(\"t{t}-share{j}\")\n\
-                 permit (principal == User::\"t{next}-u{u}\", action == Action::\"read\", resource == Doc::\"t{t}-d{j}\");",
-                u = j % USERS
-            );
+            let u = j % USERS;
+            if linked {
+                if links.len() > 1 {
+                    links.push(',');
+                }
+                let _ = write!(
+                    links,
+                    r#"{{"template_id":"share","link_id":"t{t}-share{j}","args":{{"?principal":"User::\"t{next}-u{u}\"","?resource":"Doc::\"t{t}-d{j}\""}}}}"#
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "@id(\"t{t}-share{j}\")\n\
+                     permit (principal == User::\"t{next}-u{u}\", action == Action::\"read\", resource == Doc::\"t{t}-d{j}\");"
+                );
+            }
         }
     }
-    out
+    links.push(']');
+    (out, links)
 }
 
 /// Entities JSON of `tenants` tenants (their groups, users and documents).

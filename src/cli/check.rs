@@ -39,13 +39,8 @@ struct Answer {
     errors: Vec<(String, String)>,
 }
 
-/// Splits `Type::"id"` into its type and unescaped id.
-pub fn split_uid(text: &str) -> Option<(&str, String)> {
-    let (type_name, quoted) = text.rsplit_once("::\"")?;
-    let id = quoted.strip_suffix('"')?;
-    let id: String = serde_json::from_str(&format!("\"{id}\"")).ok()?;
-    Some((type_name, id))
-}
+/// Splits `Type::"id"` into its type and unescaped id (shared with fixtures).
+pub use crate::fixtures::split_uid;
 
 pub fn run(args: &CheckArgs) -> u8 {
     let mut uids = Vec::new();

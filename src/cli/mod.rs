@@ -39,6 +39,10 @@ pub struct SourceArgs {
     /// Cedar entities JSON.
     #[arg(long, value_name = "PATH")]
     pub entities: Option<PathBuf>,
+    /// Template-linked policies: the Cedar CLI's JSON array of
+    /// `{"template_id", "link_id", "args": {"?principal": "T::\"id\""}}`.
+    #[arg(long, env = "ARBITER_TEMPLATE_LINKS", value_name = "FILE")]
+    pub template_links: Option<PathBuf>,
     /// Do not require policies to pass strict validation against the schema.
     #[arg(long)]
     pub no_validate: bool,
@@ -55,6 +59,8 @@ impl SourceArgs {
             policies: self.policies.clone(),
             schema: self.schema.clone(),
             entities: self.entities.clone(),
+            template_links: self.template_links.clone(),
+            tests: None,
         }
     }
 

@@ -58,6 +58,9 @@ pub struct ConfigFile {
     pub policies: Option<PathBuf>,
     pub schema: Option<PathBuf>,
     pub entities: Option<PathBuf>,
+    pub template_links: Option<PathBuf>,
+    /// Fixtures gating activation (see `--tests`).
+    pub tests: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     pub no_validate: Option<bool>,
@@ -124,6 +127,8 @@ impl ConfigFile {
             &mut self.policies,
             &mut self.schema,
             &mut self.entities,
+            &mut self.template_links,
+            &mut self.tests,
             &mut self.listen_uds,
         ] {
             rebase(path);

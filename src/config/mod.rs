@@ -126,6 +126,8 @@ mod tests {
             "policies",
             "schema",
             "entities",
+            "template-links",
+            "tests",
             "listen",
             "admin-listen",
             "no-validate",

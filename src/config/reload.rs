@@ -1,5 +1,6 @@
 //! The served files and how often they are checked for changes: the
-//! policies, the schema and the file identity source (`--entities`).
+//! policies, the schema, the file identity source (`--entities`), the
+//! template links and the fixtures that gate activation (`--tests`).
 //! Resolves into [`ReloadConfig`].
 
 use std::path::PathBuf;
@@ -24,6 +25,15 @@ pub struct ReloadArgs {
     /// Cedar entities JSON (the file identity source).
     #[arg(long, env = "ARBITER_ENTITIES", value_name = "PATH")]
     pub entities: Option<PathBuf>,
+    /// Template-linked policies (the Cedar CLI's links JSON), watched and
+    /// reloaded with the policies as one set.
+    #[arg(long, env = "ARBITER_TEMPLATE_LINKS", value_name = "FILE")]
+    pub template_links: Option<PathBuf>,
+    /// Decision fixtures (a file or a directory of `*.json`, as `arbiter
+    /// test` reads them) every new policy set must pass before it is served;
+    /// at startup a failure refuses to start.
+    #[arg(long = "tests", env = "ARBITER_TESTS", value_name = "PATH")]
+    pub tests: Option<PathBuf>,
     /// How often watched files are checked for changes, in milliseconds [default: 250].
     #[arg(long, env = "ARBITER_RELOAD_INTERVAL_MS", value_name = "MS")]
     pub reload_interval_ms: Option<u64>,
@@ -47,6 +57,11 @@ impl ReloadArgs {
                 policies: self.policies.clone().or_else(|| file.policies.clone()),
                 schema: self.schema.clone().or_else(|| file.schema.clone()),
                 entities: self.entities.clone().or_else(|| file.entities.clone()),
+                template_links: self
+                    .template_links
+                    .clone()
+                    .or_else(|| file.template_links.clone()),
+                tests: self.tests.clone().or_else(|| file.tests.clone()),
             },
             interval,
         })

@@ -22,6 +22,7 @@ pub use super::options::{
 };
 use super::request_overlay;
 use super::snapshot::{EntityData, PolicySnapshot, Snapshot};
+use super::template_links;
 
 /// The example in `policies/`, compiled into the binary: `(relative path, text)`.
 mod embedded {
@@ -38,21 +39,36 @@ pub struct Sources {
     pub schema: Option<PathBuf>,
     /// A Cedar entities JSON file.
     pub entities: Option<PathBuf>,
+    /// The Cedar CLI's template-links JSON file (`template_links.rs`).
+    pub template_links: Option<PathBuf>,
+    /// Decision fixtures a new set must pass before it is served (`serve
+    /// --tests`). The loader does not read them; they are here because they
+    /// are watched and reloaded with the set.
+    pub tests: Option<PathBuf>,
 }
 
 impl Sources {
     /// True when nothing is configured: the embedded default is served.
     pub fn is_embedded(&self) -> bool {
-        self.policies.is_none() && self.schema.is_none() && self.entities.is_none()
+        self.policies.is_none()
+            && self.schema.is_none()
+            && self.entities.is_none()
+            && self.template_links.is_none()
     }
 
     /// The files and directories whose changes must trigger a reload.
     pub fn watched_paths(&self) -> Vec<PathBuf> {
-        [&self.policies, &self.schema, &self.entities]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect()
+        [
+            &self.policies,
+            &self.schema,
+            &self.entities,
+            &self.template_links,
+            &self.tests,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
     }
 }
 
@@ -85,6 +101,8 @@ pub struct Inputs {
     pub single_file: bool,
     pub schema: Option<SourceFile>,
     pub entities: Option<SourceFile>,
+    /// Template links (`template_links.rs`), linked after the policies.
+    pub template_links: Option<SourceFile>,
 }
 
 /// Reads the texts named by `sources` (or the embedded default).
@@ -107,11 +125,17 @@ pub fn read_inputs(sources: &Sources) -> Result<Inputs, LoadError> {
     };
     let schema = sources.schema.as_deref().map(read_file).transpose()?;
     let entities = sources.entities.as_deref().map(read_file).transpose()?;
+    let template_links = sources
+        .template_links
+        .as_deref()
+        .map(read_file)
+        .transpose()?;
     Ok(Inputs {
         policy_files,
         single_file,
         schema,
         entities,
+        template_links,
     })
 }
 
@@ -141,6 +165,7 @@ fn embedded_inputs() -> Inputs {
         single_file: false,
         schema,
         entities,
+        template_links: None,
     }
 }
 
@@ -223,13 +248,29 @@ pub fn build(inputs: &Inputs, options: LoadOptions) -> Result<(Snapshot, LoadRep
         },
     };
 
-    let (policies, origins) = match assemble_policies(inputs) {
+    let (mut policies, origins) = match assemble_policies(inputs) {
         Ok(assembled) => assembled,
         Err(errors) => {
             diagnostics.extend(errors);
             (PolicySet::new(), HashMap::new())
         }
     };
+    // Link ids to their entry, to name the entry a validation error is about.
+    let mut link_entries: HashMap<String, usize> = HashMap::new();
+    if let (Some(file), true) = (&inputs.template_links, diagnostics.is_empty()) {
+        let owner = |id: &str| origins.get(id).map(|file| file.name.clone());
+        match template_links::parse(&file.name, &file.text).and_then(|links| {
+            template_links::apply(&mut policies, &file.name, &links, owner).map(|()| links)
+        }) {
+            Ok(links) => {
+                link_entries = links
+                    .into_iter()
+                    .map(|link| (link.link_id, link.index))
+                    .collect();
+            }
+            Err(errors) => diagnostics.extend(errors),
+        }
+    }
 
     if !diagnostics.is_empty() {
         return Err(LoadError { diagnostics });
@@ -237,15 +278,35 @@ pub fn build(inputs: &Inputs, options: LoadOptions) -> Result<(Snapshot, LoadRep
 
     if let Some(schema) = &schema {
         let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
-        let locate = |id: &PolicyId| origins.get(id.to_string().as_str());
+        // A link's problem is reported against its entry in the links file:
+        // Cedar's source span points into the template's text.
+        let diagnose = |id: &PolicyId, error: &dyn Diagnostic| {
+            let id = id.to_string();
+            match (link_entries.get(&id), &inputs.template_links) {
+                (Some(index), Some(file)) => LoadDiagnostic::plain(
+                    &file.name,
+                    format!(
+                        "entry {index}: link `{id}` does not validate against the schema: {}",
+                        super::error::error_chain(error)
+                    ),
+                ),
+                _ => policy_diagnostic(origins.get(id.as_str()), error),
+            }
+        };
         for warning in result.validation_warnings() {
-            report
-                .warnings
-                .push(policy_diagnostic(locate(warning.policy_id()), warning));
+            // Cedar only warns that a link can never apply (a slot value of
+            // a type its scope cannot take): for a link that is a mistake in
+            // the links file, so it refuses the set.
+            let is_link = link_entries.contains_key(&warning.policy_id().to_string());
+            if is_link && options.validate_policies {
+                diagnostics.push(diagnose(warning.policy_id(), warning));
+            } else {
+                report.warnings.push(diagnose(warning.policy_id(), warning));
+            }
         }
         if options.validate_policies {
             for error in result.validation_errors() {
-                diagnostics.push(policy_diagnostic(locate(error.policy_id()), error));
+                diagnostics.push(diagnose(error.policy_id(), error));
             }
         }
         if !diagnostics.is_empty() {
@@ -264,6 +325,7 @@ pub fn build(inputs: &Inputs, options: LoadOptions) -> Result<(Snapshot, LoadRep
             .schema
             .iter()
             .chain(inputs.policy_files.iter())
+            .chain(inputs.template_links.iter())
             .map(|file| (file.name.as_str(), &*file.text)),
     );
     let data_revision = revision(
@@ -284,6 +346,88 @@ pub fn build(inputs: &Inputs, options: LoadOptions) -> Result<(Snapshot, LoadRep
         ),
         report,
     ))
+}
+
+/// `base` with a fixture file's own `links` added, the links validated
+/// against the schema as a load validates them (only the links: the rest of
+/// the set was validated when it loaded), and request entities combined per
+/// `request_entities`. What the cases of that file run against.
+pub fn with_fixture_links(
+    base: &Snapshot,
+    file: &str,
+    links: &[serde_json::Value],
+    request_entities: super::RequestEntitiesMode,
+) -> Result<Snapshot, LoadError> {
+    let policies = &base.policies;
+    let parsed = template_links::parse_values(file, links)
+        .map_err(|diagnostics| LoadError { diagnostics })?;
+    let mut set = policies.policies.clone();
+    template_links::apply(&mut set, file, &parsed, |_| None)
+        .map_err(|diagnostics| LoadError { diagnostics })?;
+    if let Some(schema) = &policies.schema {
+        let mut only_links = PolicySet::new();
+        for link in &parsed {
+            let template_id = PolicyId::new(&link.template_id);
+            if only_links.template(&template_id).is_none()
+                && let Some(template) = set.template(&template_id)
+            {
+                let _ = only_links.add_template(template.clone());
+            }
+            let _ = only_links.link(
+                template_id,
+                PolicyId::new(&link.link_id),
+                link.values.clone(),
+            );
+        }
+        let result = Validator::new(schema.clone()).validate(&only_links, ValidationMode::Strict);
+        let entry = |id: &PolicyId| {
+            parsed
+                .iter()
+                .find(|link| link.link_id == id.to_string())
+                .map_or(0, |link| link.index)
+        };
+        // As at load, a link that can never apply is an error.
+        let problems = result
+            .validation_errors()
+            .map(|error| (error.policy_id(), super::error::error_chain(error)))
+            .chain(
+                result
+                    .validation_warnings()
+                    .map(|warning| (warning.policy_id(), super::error::error_chain(warning))),
+            );
+        let diagnostics: Vec<LoadDiagnostic> = problems
+            .filter(|(id, _)| set.template(id).is_none())
+            .map(|(id, message)| {
+                LoadDiagnostic::plain(
+                    file,
+                    format!(
+                        "entry {}: link `{id}` does not validate against the schema: {message}",
+                        entry(id),
+                    ),
+                )
+            })
+            .collect();
+        if !diagnostics.is_empty() {
+            return Err(LoadError { diagnostics });
+        }
+    }
+    let options = LoadOptions {
+        validate_requests: policies.validate_requests,
+        on_evaluation_error: policies.on_evaluation_error,
+        request_entities,
+        limits: policies.limits,
+        policy_index_min: if policies.indexed() { 0 } else { usize::MAX },
+        decision_cache_capacity: 0,
+        slice_cache_capacity: 0,
+        ..LoadOptions::default()
+    };
+    let snapshot = PolicySnapshot::new(
+        set,
+        policies.schema.clone(),
+        policies.revision.clone(),
+        options,
+    );
+    Ok(Snapshot::new(Arc::new(snapshot), base.data.clone(), 0, 0))
 }
 
 /// Where each policy id came from, for diagnostics.
@@ -472,7 +616,7 @@ fn revision<'a>(parts: impl Iterator<Item = (&'a str, &'a str)>) -> Arc<str> {
 }
 
 impl LoadDiagnostic {
-    fn plain(file: &str, message: impl fmt::Display) -> Self {
+    pub(crate) fn plain(file: &str, message: impl fmt::Display) -> Self {
         let message = message.to_string();
         LoadDiagnostic {
             file: file.to_owned(),
@@ -683,6 +827,7 @@ mod tests {
             policies: Some(dir.path().join(policies)),
             schema: Some(dir.path().join("schema.json")),
             entities: None,
+            ..Default::default()
         };
         assert!(load(&with("ok.cedar"), LoadOptions::default()).is_ok());
         let error = load(&with("bad.cedar"), LoadOptions::default()).unwrap_err();
@@ -726,6 +871,7 @@ mod tests {
             policies: Some(dir.path().join("p.cedar")),
             schema: Some(dir.path().join("schema.cedarschema")),
             entities: Some(dir.path().join(entities)),
+            ..Default::default()
         };
         let error = load(&with("entities.json"), LoadOptions::default()).unwrap_err();
         let first = &error.diagnostics[0];

@@ -19,6 +19,7 @@ pub mod request_overlay;
 mod slice;
 mod slice_cache;
 mod snapshot;
+pub mod template_links;
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;

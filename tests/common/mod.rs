@@ -47,6 +47,7 @@ pub fn file_sources(dir: &Path) -> Sources {
         policies: Some(dir.join("policies.cedar")),
         schema: Some(dir.join("schema.cedarschema")),
         entities: Some(dir.join("entities.json")),
+        ..Default::default()
     }
 }
 
