@@ -329,6 +329,56 @@ fn check_allow_and_deny_against_the_embedded_default() {
     );
 }
 
+#[test]
+fn check_explain_lists_determining_overridden_and_near_miss_policies() {
+    let deny = arbiter(&[
+        "check",
+        "--explain",
+        "--principal",
+        "Saas::User::\"frank\"",
+        "--action",
+        "Saas::Action::\"delete\"",
+        "--resource",
+        "Saas::Document::\"acme-sales-pipeline\"",
+        "--context",
+        r#"{"mfa": true, "source_ip": "10.1.2.3"}"#,
+    ]);
+    assert_eq!(code(&deny), 2, "{}", describe(&deny));
+    let out = stdout(&deny);
+    for line in [
+        "explain:",
+        "  determining: delete-requires-step-up-auth",
+        "  errored: none",
+        "  permits overridden: owner-full-control-document",
+    ] {
+        assert!(
+            out.lines().any(|l| l == line),
+            "{line}\n{}",
+            describe(&deny)
+        );
+    }
+    assert!(
+        out.contains("  scope matched, conditions false: forbid tenant-isolation"),
+        "{}",
+        describe(&deny)
+    );
+
+    // Without the flag: no explanation.
+    let plain = arbiter(&[
+        "check",
+        "--principal",
+        "Saas::User::\"frank\"",
+        "--action",
+        "Saas::Action::\"delete\"",
+        "--resource",
+        "Saas::Document::\"acme-sales-pipeline\"",
+        "--context",
+        r#"{"mfa": true, "source_ip": "10.1.2.3"}"#,
+    ]);
+    assert_eq!(code(&plain), 2, "{}", describe(&plain));
+    assert!(!stdout(&plain).contains("explain:"), "{}", describe(&plain));
+}
+
 /// `arbiter serve` on the embedded default, on free ports, its stderr piped.
 fn spawn_embedded_server() -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_arbiter"))
@@ -397,6 +447,84 @@ fn quick_start_allow_and_deny_through_a_running_server() {
     let malformed_err = String::from_utf8_lossy(&malformed.stderr);
     assert_eq!(malformed.status.code(), Some(64), "{malformed_err}");
     assert!(malformed_err.contains("InvalidArgument"), "{malformed_err}");
+    assert_eq!(exit.code(), Some(0), "{log}");
+}
+
+/// `check --explain --server` prints what `check --explain` prints
+/// locally, for an allow, a forbid override, a near miss and errors.
+#[test]
+fn check_explain_through_a_server_matches_the_local_answer() {
+    use std::io::{BufRead, BufReader};
+    let mut server = spawn_embedded_server();
+    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let mut addr = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("grpc=").nth(1) {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.contains("serving arbiter.v1.Authorizer") {
+            break;
+        }
+    }
+    let url = format!("http://{}", addr.expect("the server logs its address"));
+    let log = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let ask = |server: Option<&str>, principal: &str, action: &str, resource: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_arbiter"));
+        command.current_dir(env!("CARGO_MANIFEST_DIR")).arg("check");
+        if let Some(url) = server {
+            command.args(["--server", url]);
+        }
+        command
+            .args(["--explain", "--principal", principal, "--action", action])
+            .args(["--resource", resource])
+            .args(["--context", r#"{"mfa": true, "source_ip": "10.1.2.3"}"#])
+            .output()
+            .unwrap()
+    };
+    let cases = [
+        (
+            "Saas::User::\"bob\"",
+            "Saas::Action::\"write\"",
+            "Saas::Document::\"acme-roadmap\"",
+        ),
+        (
+            "Saas::User::\"frank\"",
+            "Saas::Action::\"delete\"",
+            "Saas::Document::\"acme-sales-pipeline\"",
+        ),
+        (
+            "Saas::User::\"carol\"",
+            "Saas::Action::\"write\"",
+            "Saas::Document::\"acme-roadmap\"",
+        ),
+        (
+            "Saas::User::\"ghost\"",
+            "Saas::Action::\"read\"",
+            "Saas::Document::\"acme-handbook\"",
+        ),
+    ];
+    let answers: Vec<(Output, Output)> = cases
+        .iter()
+        .map(|(principal, action, resource)| {
+            (
+                ask(None, principal, action, resource),
+                ask(Some(&url), principal, action, resource),
+            )
+        })
+        .collect();
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let exit = server.wait().unwrap();
+    let log = log.join().unwrap().join("\n");
+    for (local, remote) in &answers {
+        assert!(stdout(local).contains("explain:"), "{}", describe(local));
+        assert_eq!(code(local), code(remote), "{}", describe(remote));
+        assert_eq!(stdout(local), stdout(remote), "{}", describe(remote));
+    }
+    assert!(stdout(&answers[3].1).contains("  errored: tenant-isolation"));
+    assert!(stdout(&answers[2].1).contains("permit owner-full-control-document"));
     assert_eq!(exit.code(), Some(0), "{log}");
 }
 
