@@ -300,25 +300,22 @@ impl Engine {
     ) -> Result<MaybeExplained, RequestError> {
         let started = Instant::now();
         // Request entities are part of the question: their canonical text is
-        // part of the key, so different claims never share an answer. An
-        // explained request neither reads nor fills the cache.
-        let cache_key = snapshot
-            .decisions
-            .as_ref()
-            .filter(|_| !explain)
-            .and_then(|_| {
-                let key = decision_cache::DecisionCache::key(input)?;
-                let key = match scope {
-                    None => key,
-                    Some(scope) => {
-                        let mut key = String::from(key);
-                        key.push('|');
-                        scope.push_canonical(&mut key);
-                        key.into_boxed_str()
-                    }
-                };
-                Some((snapshot.generation, key))
-            });
+        // part of the key, so different claims never share an answer.
+        let cache_key = snapshot.decisions.as_ref().and_then(|_| {
+            let key = decision_cache::DecisionCache::key(input)?;
+            let key = match scope {
+                None => key,
+                Some(scope) => {
+                    let mut key = String::from(key);
+                    key.push('|');
+                    scope.push_canonical(&mut key);
+                    key.into_boxed_str()
+                }
+            };
+            Some((snapshot.generation, key))
+        });
+        // An explained request neither reads nor fills the cache.
+        let cache_key = cache_key.filter(|_| !explain);
         let hit = match (&snapshot.decisions, &cache_key) {
             (Some(cache), Some(key)) => cache.get(key),
             _ => None,
