@@ -33,6 +33,7 @@ impl EmptyAuthorizer {
                 policy_revision: "0000000000000000".to_owned(),
                 data_revision: "0000000000000000".to_owned(),
                 data_stale: false,
+                explanation: None,
             },
         }
     }

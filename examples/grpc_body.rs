@@ -74,7 +74,7 @@ fn request(fixture: &str, name: &str) -> Result<pb::CheckRequest, Error> {
             .get("entities")
             .map(Value::to_string)
             .unwrap_or_default(),
-        min_data_revision: String::new(),
+        ..Default::default()
     })
 }
 

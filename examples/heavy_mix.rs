@@ -48,7 +48,7 @@ fn ordinary(n: u64) -> pb::CheckRequest {
             n & 255
         ),
         entities_json: String::new(),
-        min_data_revision: String::new(),
+        ..Default::default()
     }
 }
 

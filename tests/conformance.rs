@@ -708,7 +708,7 @@ async fn ask_grpc(case: &TestCase, running: &Running, tally: &mut Tally) {
             resource: uid(&request.resource),
             context_json: request.context_json.clone(),
             entities_json: String::new(),
-            min_data_revision: String::new(),
+            ..Default::default()
         };
         let got = match client.check(message).await {
             Ok(response) => {

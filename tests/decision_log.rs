@@ -87,7 +87,7 @@ fn request(n: usize) -> CheckRequest {
                 "authorization": "Bearer sekrit-token", "headers": {{"cookie": "sid=sekrit"}}}}"#
         ),
         entities_json: String::new(),
-        min_data_revision: String::new(),
+        ..Default::default()
     }
 }
 

@@ -74,6 +74,7 @@ fn write_request() -> CheckRequest {
         context_json: String::new(),
         entities_json: String::new(),
         min_data_revision: String::new(),
+        ..Default::default()
     }
 }
 

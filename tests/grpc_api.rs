@@ -105,6 +105,141 @@ async fn evaluation_errors_fail_closed_and_are_reported() {
     server.stop().await.unwrap();
 }
 
+/// `explain = true` answers why: allow, a forbid overriding a permit, a
+/// deny with near misses, and erroring policies; a request without it gets
+/// no explanation, in `Check` and per item in `CheckBatch`.
+#[tokio::test]
+async fn explain_answers_why_only_when_asked() {
+    use arbiter::proto::v1::{Effect, ExplainedPolicy};
+    let server = TestServer::start_embedded().await;
+    let mut client = server.client().await;
+    let explained = |mut request: CheckRequest| {
+        request.explain = true;
+        request
+    };
+    let near_miss = |id: &str, effect: Effect| ExplainedPolicy {
+        policy_id: id.into(),
+        effect: effect as i32,
+    };
+
+    // Without explain: no explanation, as before.
+    let plain = client
+        .check(saas("frank", "delete", "Document", "acme-sales-pipeline"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(plain.explanation.is_none(), "{plain:?}");
+
+    let allow = client
+        .check(explained(saas("bob", "write", "Document", "acme-roadmap")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(allow.decision(), Decision::Allow);
+    let why = allow.explanation.expect("explained");
+    assert_eq!(why.determining, ["editor-can-write"]);
+    assert!(why.errors.is_empty() && why.conditions_false.is_empty());
+    assert!(why.overridden_permits.is_empty());
+
+    // The owner's permit is satisfied, the step-up forbid wins.
+    let overridden = client
+        .check(explained(saas(
+            "frank",
+            "delete",
+            "Document",
+            "acme-sales-pipeline",
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(overridden.decision(), Decision::Deny);
+    let why = overridden.explanation.expect("explained");
+    assert_eq!(why.determining, ["delete-requires-step-up-auth"]);
+    assert_eq!(why.overridden_permits, ["owner-full-control-document"]);
+    assert!(
+        why.conditions_false
+            .contains(&near_miss("tenant-isolation", Effect::Forbid)),
+        "{why:?}"
+    );
+
+    // Default deny: the owner permit's scope matched, its condition did not.
+    let near = client
+        .check(explained(saas(
+            "carol",
+            "write",
+            "Document",
+            "acme-roadmap",
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(near.decision(), Decision::Deny);
+    let why = near.explanation.expect("explained");
+    assert!(why.determining.is_empty() && why.overridden_permits.is_empty());
+    assert!(
+        why.conditions_false
+            .contains(&near_miss("owner-full-control-document", Effect::Permit)),
+        "{why:?}"
+    );
+    assert!(
+        !why.conditions_false
+            .iter()
+            .any(|policy| policy.policy_id == "editor-can-write"),
+        "carol is not an editor: the scope did not match: {why:?}"
+    );
+
+    // ghost is not in the data: the guardrails error, failing closed.
+    let erroring = client
+        .check(explained(saas(
+            "ghost",
+            "read",
+            "Document",
+            "acme-handbook",
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(erroring.decision(), Decision::Deny);
+    let why = erroring.explanation.expect("explained");
+    assert_eq!(why.errors, erroring.errors);
+    assert!(
+        why.errors
+            .iter()
+            .any(|error| error.policy_id == "tenant-isolation" && !error.message.is_empty()),
+        "{why:?}"
+    );
+    assert_eq!(why.overridden_permits, ["public-documents-readable"]);
+
+    // A batch explains the items that ask, and only those.
+    let batch = client
+        .check_batch(CheckBatchRequest {
+            checks: vec![
+                saas("carol", "write", "Document", "acme-roadmap"),
+                explained(saas("carol", "write", "Document", "acme-roadmap")),
+                explained(saas("bob", "write", "Document", "acme-roadmap")),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(batch.results.len(), 3);
+    assert!(batch.results[0].explanation.is_none());
+    let why = batch.results[1].explanation.as_ref().expect("explained");
+    assert!(
+        why.conditions_false
+            .contains(&near_miss("owner-full-control-document", Effect::Permit))
+    );
+    let why = batch.results[2].explanation.as_ref().expect("explained");
+    assert_eq!(why.determining, ["editor-can-write"]);
+
+    // A malformed explained request is refused as any other.
+    let mut bad = explained(saas("carol", "fly", "Document", "acme-roadmap"));
+    bad.context_json = "{}".into();
+    let status = client.check(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn entities_overlay_applies_to_one_decision_only() {
     // Replacing stored entities is the operator's choice (the default,

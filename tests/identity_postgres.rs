@@ -132,6 +132,7 @@ fn request(principal: &str, action: &str, resource: (&str, &str), min: &str) -> 
         context_json: String::new(),
         entities_json: String::new(),
         min_data_revision: min.into(),
+        ..Default::default()
     }
 }
 
@@ -675,7 +676,7 @@ async fn example_schema_and_action_groups_over_synced_data() {
         resource: uid("Saas::Tenant", tenant),
         context_json: format!(r#"{{"mfa": {mfa}, "source_ip": "10.1.2.3"}}"#),
         entities_json: String::new(),
-        min_data_revision: String::new(),
+        ..Default::default()
     };
     // `action in Saas::Action::"tenant_administration"` needs the schema's
     // action groups, which synced data does not carry.

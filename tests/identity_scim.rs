@@ -158,7 +158,7 @@ fn request(principal: &str, action: &str) -> CheckRequest {
         resource: uid("Saas::Document", "d1"),
         context_json: String::new(),
         entities_json: String::new(),
-        min_data_revision: String::new(),
+        ..Default::default()
     }
 }
 

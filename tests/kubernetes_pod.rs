@@ -438,7 +438,7 @@ fn check(principal: &str, action: &str, phase: &str) -> CheckRequest {
         resource: common::uid("Saas::Document", "roadmap"),
         context_json: format!(r#"{{"phase": "{phase}"}}"#),
         entities_json: String::new(),
-        min_data_revision: String::new(),
+        ..Default::default()
     }
 }
 

@@ -60,7 +60,7 @@ fn read_request(action: &str) -> CheckRequest {
         resource: uid("Doc", "d1"),
         context_json: String::new(),
         entities_json: String::new(),
-        min_data_revision: String::new(),
+        ..Default::default()
     }
 }
 

@@ -35,6 +35,13 @@ fn every_fixture_in_policies_tests_passes_against_the_embedded_default() {
         "expected the four fixture files, ran {:?}",
         report.files
     );
+    assert_eq!(report.results.len(), report.total());
+    // Every policy of the example is made determining by some passing case.
+    assert!(
+        report.never_exercised.is_empty(),
+        "never exercised: {:?}",
+        report.never_exercised
+    );
     assert!(
         report.total() >= 30,
         "expected at least 30 fixture cases, found {}",

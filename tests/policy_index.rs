@@ -3,7 +3,8 @@
 //! conditions that error), random entity hierarchies and random requests,
 //! each decided by an engine whose snapshot is indexed and by one whose
 //! snapshot is not. Decision, reasons and errors (policy ids and messages,
-//! in order) must be equal for every request.
+//! in order) must be equal for every request, and so must explanations
+//! (`explain`, every tenth request).
 //!
 //! CI runs a fixed seed for a few rounds; `benches/index_differential.sh`
 //! runs more (`ARBITER_INDEX_DIFF_ROUNDS`, `ARBITER_INDEX_DIFF_SEED`).
@@ -400,6 +401,7 @@ struct Seen {
     overlays: u64,
     candidates: u64,
     policies: u64,
+    explained: u64,
 }
 
 fn round(seed: u64, seen: &mut Seen) {
@@ -466,6 +468,26 @@ fn round(seed: u64, seen: &mut Seen) {
             (Err(expected), Err(got)) => assert_eq!(expected.to_string(), got.to_string()),
             _ => panic!("seed {seed}: {expected:?} against {got:?}"),
         }
+        // Explain asks Cedar about the index's candidates only: it must
+        // explain every tenth request as the whole set does.
+        if let (Ok(expected), true) = (&expected, seen.requests.is_multiple_of(10)) {
+            let explain = |snapshot: &Snapshot| {
+                let (decision, mut explanation) = engine.explain_against(snapshot, &check).unwrap();
+                explanation.determining.sort();
+                (outcome(decision), explanation)
+            };
+            let (whole_outcome, whole_explanation) = explain(&whole);
+            let (indexed_outcome, indexed_explanation) = explain(&indexed);
+            assert_eq!(&whole_outcome, expected, "seed {seed}");
+            assert_eq!(indexed_outcome, whole_outcome, "seed {seed}");
+            assert_eq!(
+                indexed_explanation, whole_explanation,
+                "seed {seed}: explain differs with the index\n\
+                 request: {principal} {action} {resource} context `{context}`\n\
+                 policies:\n{set}"
+            );
+            seen.explained += 1;
+        }
         if overlay.is_empty() {
             let request = Request::new(
                 principal.parse().unwrap(),
@@ -495,6 +517,7 @@ fn index_answers_as_the_whole_set() {
     assert!(seen.allows > 0 && seen.allows < seen.requests, "{seen:?}");
     assert!(seen.with_reasons > seen.allows, "{seen:?}");
     assert!(seen.with_errors > 0 && seen.overlays > 0, "{seen:?}");
+    assert!(seen.explained > 0, "{seen:?}");
     // And the index left most policies out.
     assert!(seen.candidates * 3 < seen.policies, "{seen:?}");
 }

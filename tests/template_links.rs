@@ -439,6 +439,7 @@ fn read_roadmap(principal: &str) -> CheckRequest {
         context_json: r#"{"mfa": true, "source_ip": "10.1.2.3"}"#.into(),
         entities_json: String::new(),
         min_data_revision: String::new(),
+        ..Default::default()
     }
 }
 

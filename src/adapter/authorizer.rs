@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use super::heavy::HeavyPool;
 use super::status;
 use crate::decision_log::{Caller, DecisionEvent, DecisionLogger, Transport, Uid};
-use crate::engine::{CheckInput, Decision, Engine, UidInput};
+use crate::engine::{CheckInput, Decision, Engine, Explanation, PolicyEffect, UidInput};
 use crate::identity::SyncStatus;
 use crate::proto::v1 as pb;
 use crate::proto::v1::authorizer_server::Authorizer;
@@ -175,6 +175,38 @@ fn input(request: &pb::CheckRequest) -> CheckInput<'_> {
     }
 }
 
+fn policy_error(error: &crate::engine::PolicyEvaluationError) -> pb::PolicyError {
+    pb::PolicyError {
+        policy_id: error.policy_id.clone(),
+        message: error.message.clone(),
+    }
+}
+
+fn explanation(explanation: Explanation) -> pb::Explanation {
+    pb::Explanation {
+        determining: explanation.determining,
+        errors: explanation.errors.iter().map(policy_error).collect(),
+        conditions_false: explanation
+            .conditions_false
+            .into_iter()
+            .map(|policy| pb::ExplainedPolicy {
+                policy_id: policy.policy_id,
+                effect: match policy.effect {
+                    PolicyEffect::Permit => pb::Effect::Permit,
+                    PolicyEffect::Forbid => pb::Effect::Forbid,
+                } as i32,
+            })
+            .collect(),
+        overridden_permits: explanation.overridden_permits,
+    }
+}
+
+/// Explaining costs more than deciding: such requests, like those that
+/// carry their own entities, are decided on the heavy pool.
+fn is_heavy(request: &pb::CheckRequest) -> bool {
+    request.explain || !request.entities_json.is_empty()
+}
+
 fn response(decision: &Decision, data_stale: bool) -> pb::CheckResponse {
     pb::CheckResponse {
         decision: if decision.allowed {
@@ -183,18 +215,12 @@ fn response(decision: &Decision, data_stale: bool) -> pb::CheckResponse {
             pb::Decision::Deny as i32
         },
         reasons: decision.reasons.clone(),
-        errors: decision
-            .errors
-            .iter()
-            .map(|error| pb::PolicyError {
-                policy_id: error.policy_id.clone(),
-                message: error.message.clone(),
-            })
-            .collect(),
+        errors: decision.errors.iter().map(policy_error).collect(),
         decision_id: decision.decision_id.clone(),
         policy_revision: decision.policy_revision.to_string(),
         data_revision: decision.data_revision.to_string(),
         data_stale,
+        explanation: None,
     }
 }
 
@@ -208,22 +234,29 @@ impl Authorizer for AuthorizerService {
         self.wait_for_revision(min).await?;
         let facts = call_facts(&self.log, &request);
         let request = request.into_inner();
-        let (request, outcome) = if request.entities_json.is_empty() {
-            let outcome = self.engine.check(&input(&request));
+        let (request, outcome) = if !is_heavy(&request) {
+            let outcome = self.engine.check(&input(&request)).map(|d| (d, None));
             (request, outcome)
         } else {
             let engine = self.engine.clone();
             self.heavy
                 .run(move || {
-                    let outcome = engine.check(&input(&request));
+                    let outcome = if request.explain {
+                        engine
+                            .explain(&input(&request))
+                            .map(|(decision, explanation)| (decision, Some(explanation)))
+                    } else {
+                        engine.check(&input(&request)).map(|d| (d, None))
+                    };
                     (request, outcome)
                 })
                 .await?
         };
         match outcome {
-            Ok(decision) => {
+            Ok((decision, explained)) => {
                 self.metrics.record(&decision);
-                let answer = response(&decision, self.stale());
+                let mut answer = response(&decision, self.stale());
+                answer.explanation = explained.map(explanation);
                 if let Some((caller, traceparent)) = facts {
                     self.log
                         .log(event(request, decision, caller, traceparent))
@@ -255,10 +288,22 @@ impl Authorizer for AuthorizerService {
         self.wait_for_revision(min).await?;
         let stale = self.stale();
         let decide = |engine: &Engine, checks: &[pb::CheckRequest]| {
-            let inputs: Vec<CheckInput<'_>> = checks.iter().map(input).collect();
-            engine.check_all(&inputs)
+            if checks.iter().any(|check| check.explain) {
+                let inputs: Vec<(CheckInput<'_>, bool)> = checks
+                    .iter()
+                    .map(|check| (input(check), check.explain))
+                    .collect();
+                engine
+                    .check_all_explained(&inputs)
+                    .map(|answers| answers.into_iter().unzip())
+            } else {
+                let inputs: Vec<CheckInput<'_>> = checks.iter().map(input).collect();
+                engine
+                    .check_all(&inputs)
+                    .map(|decisions| (decisions, Vec::new()))
+            }
         };
-        let (checks, outcome) = if checks.iter().all(|check| check.entities_json.is_empty()) {
+        let (checks, outcome) = if !checks.iter().any(is_heavy) {
             let outcome = decide(&self.engine, &checks);
             (checks, outcome)
         } else {
@@ -271,12 +316,18 @@ impl Authorizer for AuthorizerService {
                 .await?
         };
         match outcome {
-            Ok(decisions) => {
+            Ok((decisions, mut explained)) => {
                 let results = decisions
                     .iter()
-                    .map(|decision| {
+                    .enumerate()
+                    .map(|(index, decision)| {
                         self.metrics.record(decision);
-                        response(decision, stale)
+                        let mut answer = response(decision, stale);
+                        answer.explanation = explained
+                            .get_mut(index)
+                            .and_then(Option::take)
+                            .map(explanation);
+                        answer
                     })
                     .collect();
                 if let Some((caller, traceparent)) = facts {
@@ -293,5 +344,75 @@ impl Authorizer for AuthorizerService {
                 Err(status::batch_item_error(index, &error))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use crate::engine::{LoadOptions, Sources, loader};
+
+    fn request(explain: bool) -> pb::CheckRequest {
+        let uid = |type_name: &str, id: &str| {
+            Some(pb::EntityUid {
+                r#type: type_name.into(),
+                id: id.into(),
+            })
+        };
+        pb::CheckRequest {
+            principal: uid("Saas::User", "carol"),
+            action: uid("Saas::Action", "write"),
+            resource: uid("Saas::Document", "acme-roadmap"),
+            context_json: r#"{"mfa": true, "source_ip": "10.1.2.3"}"#.into(),
+            explain,
+            ..Default::default()
+        }
+    }
+
+    /// Explained requests are decided on the heavy pool: with its only
+    /// worker busy and no queue, they are shed while plain checks answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn explained_requests_run_on_the_heavy_pool() {
+        let engine = Arc::new(Engine::new());
+        let (snapshot, _) = loader::load(&Sources::default(), LoadOptions::default()).unwrap();
+        engine.publish(snapshot);
+        let pool = HeavyPool::new(1, 0);
+        let service = AuthorizerService::new(engine, Arc::new(DecisionMetrics::register()))
+            .with_heavy_pool(pool.clone());
+
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let busy = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.run(move || {
+                    let _ = started_tx.send(());
+                    let _ = held.recv();
+                })
+                .await
+            })
+        };
+        started.await.unwrap();
+
+        let shed = service
+            .check(Request::new(request(true)))
+            .await
+            .unwrap_err();
+        assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+        let batch = pb::CheckBatchRequest {
+            checks: vec![request(false), request(true)],
+        };
+        let shed = service.check_batch(Request::new(batch)).await.unwrap_err();
+        assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+        let plain = service.check(Request::new(request(false))).await.unwrap();
+        assert!(plain.get_ref().explanation.is_none());
+
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        let explained = service.check(Request::new(request(true))).await.unwrap();
+        let explanation = explained.into_inner().explanation.expect("explained");
+        assert!(!explanation.conditions_false.is_empty(), "{explanation:?}");
     }
 }

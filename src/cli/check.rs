@@ -1,11 +1,15 @@
 //! `arbiter check`: answers one request locally, from the same loader and
 //! engine the server uses, or asks a running server over gRPC with
-//! `--server`. Exit 0 on allow, 2 on deny.
+//! `--server`. Exit 0 on allow, 2 on deny. `--explain` also says why:
+//! the determining, erroring and near-miss policies.
 
 use std::path::PathBuf;
 
 use super::{SourceArgs, exit};
-use crate::engine::{CheckInput, Engine, UidInput, loader};
+use crate::engine::{
+    CheckInput, Engine, ExplainedPolicy, Explanation, PolicyEffect, PolicyEvaluationError,
+    UidInput, loader,
+};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CheckArgs {
@@ -30,6 +34,11 @@ pub struct CheckArgs {
     /// evaluating locally.
     #[arg(long, value_name = "URL", conflicts_with_all = ["policies", "schema", "entities", "no_validate"])]
     pub server: Option<String>,
+    /// Also explain the decision: the policies that determined it, those
+    /// that errored, and for a deny the policies whose scope matched but
+    /// whose conditions were false and the permits a forbid overrode.
+    #[arg(long)]
+    pub explain: bool,
 }
 
 /// What either way of checking answers.
@@ -37,6 +46,7 @@ struct Answer {
     allowed: bool,
     reasons: Vec<String>,
     errors: Vec<(String, String)>,
+    explanation: Option<Explanation>,
 }
 
 /// Splits `Type::"id"` into its type and unescaped id (shared with fixtures).
@@ -68,7 +78,7 @@ pub fn run(args: &CheckArgs) -> u8 {
         None => String::new(),
     };
     let answer = match &args.server {
-        Some(url) => ask_server(url, &uids, &args.context, &entities_json),
+        Some(url) => ask_server(url, &uids, &args.context, &entities_json, args.explain),
         None => evaluate_locally(args, &uids, &entities_json),
     };
     match answer {
@@ -77,6 +87,9 @@ pub fn run(args: &CheckArgs) -> u8 {
             println!("reasons: {:?}", answer.reasons);
             for (policy_id, message) in &answer.errors {
                 println!("error in {policy_id}: {message}");
+            }
+            if let Some(explanation) = &answer.explanation {
+                print!("{}", render_explanation(explanation));
             }
             if answer.allowed { exit::OK } else { exit::DENY }
         }
@@ -109,8 +122,18 @@ fn evaluate_locally(
         context_json: &args.context,
         entities_json,
     };
-    match Engine::new().check_against(&snapshot, &input) {
-        Ok(decision) => Ok(Answer {
+    let engine = Engine::new();
+    let outcome = if args.explain {
+        engine
+            .explain_against(&snapshot, &input)
+            .map(|(decision, explanation)| (decision, Some(explanation)))
+    } else {
+        engine
+            .check_against(&snapshot, &input)
+            .map(|decision| (decision, None))
+    };
+    match outcome {
+        Ok((decision, explanation)) => Ok(Answer {
             allowed: decision.allowed,
             reasons: decision.reasons,
             errors: decision
@@ -118,6 +141,7 @@ fn evaluate_locally(
                 .into_iter()
                 .map(|error| (error.policy_id, error.message))
                 .collect(),
+            explanation,
         }),
         Err(error) => {
             eprintln!("error: {error}");
@@ -131,6 +155,7 @@ fn ask_server(
     uids: &[(&str, String)],
     context: &str,
     entities_json: &str,
+    explain: bool,
 ) -> Result<Answer, u8> {
     use crate::proto::v1 as pb;
     let uid = |index: usize| {
@@ -145,7 +170,8 @@ fn ask_server(
         resource: uid(2),
         context_json: context.to_owned(),
         entities_json: entities_json.to_owned(),
-        min_data_revision: String::new(),
+        explain,
+        ..pb::CheckRequest::default()
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -181,6 +207,7 @@ fn ask_server(
                         .into_iter()
                         .map(|error| (error.policy_id, error.message))
                         .collect(),
+                    explanation: response.explanation.map(from_wire),
                 })
             }
             Err(status) => {
@@ -193,4 +220,80 @@ fn ask_server(
             }
         }
     })
+}
+
+/// The explanation as the server sent it.
+fn from_wire(explanation: crate::proto::v1::Explanation) -> Explanation {
+    use crate::proto::v1 as pb;
+    Explanation {
+        determining: explanation.determining,
+        errors: explanation
+            .errors
+            .into_iter()
+            .map(|error| PolicyEvaluationError {
+                policy_id: error.policy_id,
+                message: error.message,
+            })
+            .collect(),
+        conditions_false: explanation
+            .conditions_false
+            .into_iter()
+            .map(|policy| ExplainedPolicy {
+                effect: if policy.effect() == pb::Effect::Forbid {
+                    PolicyEffect::Forbid
+                } else {
+                    PolicyEffect::Permit
+                },
+                policy_id: policy.policy_id,
+            })
+            .collect(),
+        overridden_permits: explanation.overridden_permits,
+    }
+}
+
+/// The `explain:` block `check --explain` prints, the same locally and
+/// from a server.
+pub fn render_explanation(explanation: &Explanation) -> String {
+    fn list<'a>(items: impl Iterator<Item = &'a str>) -> String {
+        let items: Vec<&str> = items.collect();
+        if items.is_empty() {
+            "none".to_owned()
+        } else {
+            items.join(", ")
+        }
+    }
+    let mut out = String::from("explain:\n");
+    out.push_str(&format!(
+        "  determining: {}\n",
+        list(explanation.determining.iter().map(String::as_str))
+    ));
+    out.push_str(&format!(
+        "  errored: {}\n",
+        list(
+            explanation
+                .errors
+                .iter()
+                .map(|error| error.policy_id.as_str())
+        )
+    ));
+    let near: Vec<String> = explanation
+        .conditions_false
+        .iter()
+        .map(|policy| {
+            let effect = match policy.effect {
+                PolicyEffect::Permit => "permit",
+                PolicyEffect::Forbid => "forbid",
+            };
+            format!("{effect} {}", policy.policy_id)
+        })
+        .collect();
+    out.push_str(&format!(
+        "  scope matched, conditions false: {}\n",
+        list(near.iter().map(String::as_str))
+    ));
+    out.push_str(&format!(
+        "  permits overridden: {}\n",
+        list(explanation.overridden_permits.iter().map(String::as_str))
+    ));
+    out
 }

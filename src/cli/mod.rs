@@ -7,6 +7,7 @@ pub mod fmt;
 pub mod serve;
 pub mod tail;
 pub mod test;
+pub mod test_report;
 pub mod validate;
 
 use std::path::PathBuf;

@@ -1,31 +1,18 @@
 //! `arbiter test`: runs data-driven decision fixtures against a policy set,
-//! through the same loader and engine the server uses.
-//!
-//! A fixture file is JSON:
-//!
-//! ```json
-//! { "description": "...",
-//!   "cases": [ { "name": "...",
-//!                "principal": {"type": "Saas::User", "id": "alice"},
-//!                "action": {"type": "Saas::Action", "id": "read"},
-//!                "resource": {"type": "Saas::Document", "id": "doc"},
-//!                "context": {"mfa": true},
-//!                "entities": [ ...request-only Cedar entities... ],
-//!                "decision": "allow",
-//!                "reasons": ["policy-id"] } ] }
-//! ```
-//!
-//! `context` and `entities` are optional; an entity uid may also be written
-//! as the string `Type::"id"`. A case passes when the decision and the *set*
-//! of reasons (determining policy ids) both match.
+//! through the same loader and engine the server uses, and reports them for
+//! people (text) or machines (`--junit`, `--format json`). The fixture format
+//! and the runner are in `crate::fixtures`.
 //!
 //! Where fixtures are found when `--tests` is not given: the `tests/`
 //! directory next to the policies (`P/tests` for a directory `P`, `tests/`
 //! beside a single policy file), and for the embedded default
 //! `policies/tests` relative to the current directory.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+
+use super::test_report::{CaseReport, Summary};
 use super::{SourceArgs, exit};
 use crate::engine::{Sources, loader};
 // The runner lives below `cli` so that the server can gate reloads on it.
@@ -41,6 +28,20 @@ pub struct TestArgs {
     /// default).
     #[arg(long = "tests", value_name = "PATH")]
     pub tests: Vec<PathBuf>,
+    /// Also write a JUnit XML report to FILE (one testcase per fixture case),
+    /// for CI systems.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// `text` for people; `json` writes a machine-readable summary to stdout
+    /// (every case with expected and got, and the coverage).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
 }
 
 /// Where fixtures are looked for when `--tests` is not given: `tests/` next
@@ -97,21 +98,79 @@ pub fn run(args: &TestArgs) -> u8 {
             return exit::INVALID;
         }
     };
-    match run_fixtures(&snapshot, &paths) {
-        Ok(report) => {
-            for failure in &report.failures {
-                println!("FAIL {failure}");
-            }
-            println!("{} passed, {} failed", report.passed, report.failed());
-            if report.all_passed() {
-                exit::OK
-            } else {
-                exit::DENY
-            }
-        }
+    let report = match run_fixtures(&snapshot, &paths) {
+        Ok(report) => report,
         Err(error) => {
             eprintln!("error: {error}");
-            exit::USAGE
+            return exit::USAGE;
         }
+    };
+    let summary = summary(&report);
+    if let Some(path) = &args.junit
+        && let Err(error) = std::fs::write(path, summary.junit())
+    {
+        eprintln!("error: cannot write `{}`: {error}", path.display());
+        return exit::FAILURE;
+    }
+    // A reader that stops early (`| head`) is not an error of the run.
+    let mut out = std::io::stdout().lock();
+    let _ = match args.format {
+        OutputFormat::Text => {
+            let mut text = String::new();
+            for failure in &report.failures {
+                text.push_str(&format!("FAIL {failure}\n"));
+            }
+            text.push_str(&format!(
+                "{}\n{} passed, {} failed\n",
+                summary.coverage_line(),
+                report.passed,
+                report.failed()
+            ));
+            out.write_all(text.as_bytes())
+        }
+        OutputFormat::Json => writeln!(out, "{}", summary.json()),
+    };
+    if report.all_passed() {
+        exit::OK
+    } else {
+        exit::DENY
+    }
+}
+
+/// The report as the report writers take it.
+pub fn summary(report: &FixtureReport) -> Summary {
+    let decision = |allowed: bool| if allowed { "allow" } else { "deny" };
+    let cases = report
+        .results
+        .iter()
+        .map(|result| {
+            let (got_decision, got_reasons, errors, request_error) = match &result.actual {
+                Actual::Decision { outcome, errors } => (
+                    Some(decision(outcome.allowed)),
+                    outcome.reasons.iter().cloned().collect(),
+                    errors.clone(),
+                    None,
+                ),
+                Actual::Rejected(message) => (None, Vec::new(), Vec::new(), Some(message.clone())),
+            };
+            CaseReport {
+                file: result.file.clone(),
+                name: result.case.clone(),
+                passed: result.passed,
+                expected_decision: decision(result.expected.allowed),
+                expected_reasons: result.expected.reasons.iter().cloned().collect(),
+                got_decision,
+                got_reasons,
+                errors,
+                request_error,
+            }
+        })
+        .collect();
+    Summary {
+        files: report.files.clone(),
+        passed: report.passed,
+        failed: report.failed(),
+        cases,
+        never_exercised: report.never_exercised.clone(),
     }
 }

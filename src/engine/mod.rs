@@ -10,6 +10,7 @@ mod decision;
 mod decision_cache;
 pub mod entity_store;
 mod error;
+mod explain;
 pub mod hierarchy;
 pub mod loader;
 mod options;
@@ -34,6 +35,7 @@ pub use decision::{Decision, PolicyEvaluationError, SliceUse};
 pub use error::{
     LoadDiagnostic, LoadError, MAX_ERROR_MESSAGE_BYTES, RequestError, RequestField, bounded,
 };
+pub use explain::{ExplainedPolicy, Explanation, PolicyEffect};
 pub use hierarchy::{DEFAULT_MAX_HIERARCHY_DEPTH, MAX_HIERARCHY_DEPTH_CEILING};
 pub use loader::{LoadOptions, LoadReport, OnEvaluationError, Sources};
 pub use policy_index::DEFAULT_POLICY_INDEX_MIN;
@@ -65,6 +67,9 @@ pub struct CheckInput<'a> {
     /// Cedar entities JSON array merged over the store for this decision.
     pub entities_json: &'a str,
 }
+
+/// A decision, with its explanation when one was asked for.
+pub type MaybeExplained = (Decision, Option<Explanation>);
 
 /// Holds the current snapshot and answers checks against it.
 #[derive(Debug)]
@@ -213,7 +218,9 @@ impl Engine {
             snapshot,
             input,
             Some(scope).filter(|scope| !scope.is_empty()),
+            false,
         )
+        .map(|(decision, _)| decision)
     }
 
     /// Decides several requests against one snapshot, so a batch is answered
@@ -241,15 +248,57 @@ impl Engine {
         snapshot: &Snapshot,
         input: &CheckInput<'_>,
     ) -> Result<Decision, RequestError> {
-        self.decide(snapshot, input, None)
+        self.decide(snapshot, input, None, false)
+            .map(|(decision, _)| decision)
     }
 
+    /// Decides one request against the current snapshot and explains the
+    /// decision (heavier: see [`Explanation`]). Never answered from, nor
+    /// stored into, the decision cache.
+    pub fn explain(&self, input: &CheckInput<'_>) -> Result<(Decision, Explanation), RequestError> {
+        let guard = self.current.load();
+        let snapshot = guard.as_deref().ok_or(RequestError::NotReady)?;
+        self.explain_against(snapshot, input)
+    }
+
+    /// [`Self::explain`] against a given snapshot.
+    pub fn explain_against(
+        &self,
+        snapshot: &Snapshot,
+        input: &CheckInput<'_>,
+    ) -> Result<(Decision, Explanation), RequestError> {
+        let (decision, explanation) = self.decide(snapshot, input, None, true)?;
+        let explanation = explanation
+            .ok_or_else(|| RequestError::Internal("explain: no explanation was made".into()))?;
+        Ok((decision, explanation))
+    }
+
+    /// [`Self::check_all`] where each request says whether to explain its
+    /// decision: one snapshot for the whole batch.
+    pub fn check_all_explained(
+        &self,
+        inputs: &[(CheckInput<'_>, bool)],
+    ) -> Result<Vec<MaybeExplained>, (usize, RequestError)> {
+        let guard = self.current.load();
+        let snapshot = guard.as_deref().ok_or((0, RequestError::NotReady))?;
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(index, (input, explain))| {
+                self.decide(snapshot, input, None, *explain)
+                    .map_err(|error| (index, error))
+            })
+            .collect()
+    }
+
+    /// The decision, and with `explain` its explanation.
     fn decide(
         &self,
         snapshot: &Snapshot,
         input: &CheckInput<'_>,
         scope: Option<&RequestEntities>,
-    ) -> Result<Decision, RequestError> {
+        explain: bool,
+    ) -> Result<MaybeExplained, RequestError> {
         let started = Instant::now();
         // Request entities are part of the question: their canonical text is
         // part of the key, so different claims never share an answer.
@@ -266,12 +315,14 @@ impl Engine {
             };
             Some((snapshot.generation, key))
         });
+        // An explained request neither reads nor fills the cache.
+        let cache_key = cache_key.filter(|_| !explain);
         let hit = match (&snapshot.decisions, &cache_key) {
             (Some(cache), Some(key)) => cache.get(key),
             _ => None,
         };
         if let Some(hit) = hit {
-            return Ok(Decision {
+            let decision = Decision {
                 allowed: hit.allowed,
                 reasons: hit.reasons.clone(),
                 errors: hit.errors.clone(),
@@ -282,7 +333,8 @@ impl Engine {
                 cached: true,
                 slice: SliceUse::None,
                 request_entities: Vec::new(),
-            });
+            };
+            return Ok((decision, None));
         }
         let policies = &*snapshot.policies;
         let schema = policies.schema.as_ref();
@@ -357,6 +409,24 @@ impl Engine {
         let request = Request::new(principal, action, resource, context, request_schema)
             .map_err(|error| RequestError::invalid_because(request_error_field(&error), &error))?;
 
+        // Explain asks Cedar more questions against the same entities.
+        let evaluate = |entities: &Entities| {
+            let response = policies.authorize(&self.authorizer, &request, entities);
+            let evidence = explain.then(|| {
+                let candidates = policies.scope_candidates(&request, entities);
+                let scopes = policies.explain_scopes()?;
+                let all = &policies.policies;
+                explain::gather(
+                    &self.authorizer,
+                    all,
+                    &candidates,
+                    scopes,
+                    &request,
+                    entities,
+                )
+            });
+            (response, evidence)
+        };
         let cached_slices = match (&snapshot.slices, snapshot.data.store()) {
             (Some(cache), Some(store)) if !has_overlay => Some((cache, store)),
             _ => None,
@@ -368,10 +438,8 @@ impl Engine {
         } else {
             SliceUse::None
         };
-        let response = match (snapshot.data.whole(), cached_slices) {
-            (Some(entities), _) if !has_overlay => {
-                policies.authorize(&self.authorizer, &request, entities)
-            }
+        let (response, evidence) = match (snapshot.data.whole(), cached_slices) {
+            (Some(entities), _) if !has_overlay => evaluate(entities),
             (_, Some((cache, store))) => {
                 let key = &roots[..request_roots];
                 let prepared = match cache.get(key, store) {
@@ -394,7 +462,7 @@ impl Engine {
                         prepared
                     }
                 };
-                policies.authorize(&self.authorizer, &request, &prepared.entities)
+                evaluate(&prepared.entities)
             }
             _ => {
                 let overlay = if has_json_overlay {
@@ -435,7 +503,7 @@ impl Engine {
                 let entities = Entities::from_entities(slice, None).map_err(|error| {
                     RequestError::invalid_because(RequestField::Entities, &error)
                 })?;
-                policies.authorize(&self.authorizer, &request, &entities)
+                evaluate(&entities)
             }
         };
 
@@ -486,7 +554,7 @@ impl Engine {
                 },
             );
         }
-        Ok(Decision {
+        let decision = Decision {
             allowed,
             reasons,
             errors,
@@ -497,7 +565,12 @@ impl Engine {
             cached: false,
             slice: slice_use,
             request_entities: supplied.iter().map(ToString::to_string).collect(),
-        })
+        };
+        let explanation = match evidence {
+            Some(evidence) => Some(evidence?.explain(&decision)),
+            None => None,
+        };
+        Ok((decision, explanation))
     }
 }
 

@@ -322,6 +322,17 @@ impl PolicyIndex {
         Some(out)
     }
 
+    /// The ids of [`Self::candidates`], in the same order.
+    pub fn candidate_ids(&self, request: &Request, entities: &Entities) -> Option<Vec<&PolicyId>> {
+        let candidates = self.candidates(request, entities)?;
+        Some(
+            candidates
+                .into_iter()
+                .filter_map(|index| self.ids.get(index as usize))
+                .collect(),
+        )
+    }
+
     fn keys(&self, uid: &EntityUid, entities: &Entities) -> Keys {
         let mut within: Vec<u32> = entities
             .ancestors(uid)

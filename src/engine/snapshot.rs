@@ -3,11 +3,13 @@
 //! read by reference: a decision never copies a whole policy set or store.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use super::decision_cache::DecisionCache;
 use super::entity_store::EntityStore;
+use super::error::RequestError;
+use super::explain::scope_policies;
 use super::options::{LoadOptions, OnEvaluationError, RequestEntitiesMode, RequestLimits};
 use super::policy_index::PolicyIndex;
 pub(crate) use super::slice::collect_uids;
@@ -15,7 +17,9 @@ use super::slice::{
     MaterializeError, SliceError, SliceGraph, entity_references, refuse_overlay_parent,
 };
 use super::slice_cache::SliceCache;
-use cedar_policy::{Authorizer, Entities, Entity, EntityUid, PolicySet, Request, Response, Schema};
+use cedar_policy::{
+    Authorizer, Entities, Entity, EntityUid, Policy, PolicySet, Request, Response, Schema,
+};
 
 /// Everything one decision needs, swapped as one unit so that a request sees
 /// the whole old state or the whole new state, never a mix.
@@ -101,6 +105,9 @@ pub struct PolicySnapshot {
     pub(crate) action_entities: Option<Entities>,
     /// The policies by scope, when the set is large enough for it to pay.
     index: Option<PolicyIndex>,
+    /// Each policy's scope as a policy of its own, derived on the first
+    /// explain (never on the decision path).
+    explain_scopes: OnceLock<Result<PolicySet, String>>,
 }
 
 impl PolicySnapshot {
@@ -119,6 +126,7 @@ impl PolicySnapshot {
             .flatten();
         PolicySnapshot {
             index,
+            explain_scopes: OnceLock::new(),
             declared_actions: schema
                 .as_ref()
                 .map(|schema| schema.actions().cloned().collect())
@@ -163,6 +171,30 @@ impl PolicySnapshot {
             Some(index) => index.authorize(authorizer, request, entities, &self.policies),
             None => authorizer.is_authorized(request, &self.policies, entities),
         }
+    }
+
+    /// The policies whose scope can match `request` (the index's
+    /// candidates, else the whole set), in the set's order. For explain.
+    pub(crate) fn scope_candidates(&self, request: &Request, entities: &Entities) -> Vec<&Policy> {
+        let ids = self
+            .index
+            .as_ref()
+            .and_then(|index| index.candidate_ids(request, entities));
+        match ids {
+            Some(ids) => ids
+                .into_iter()
+                .filter_map(|id| self.policies.policy(id))
+                .collect(),
+            None => self.policies.policies().collect(),
+        }
+    }
+
+    /// Each policy's scope as a policy of its own, for explain.
+    pub(crate) fn explain_scopes(&self) -> Result<&PolicySet, RequestError> {
+        self.explain_scopes
+            .get_or_init(|| scope_policies(&self.policies))
+            .as_ref()
+            .map_err(|message| RequestError::Internal(message.clone()))
     }
 
     /// Whether decisions go through the policy index.

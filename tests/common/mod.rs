@@ -170,7 +170,7 @@ pub fn saas(principal: &str, action: &str, resource_type: &str, resource: &str) 
         resource: uid(&format!("Saas::{resource_type}"), resource),
         context_json: r#"{"mfa": true, "source_ip": "10.1.2.3"}"#.into(),
         entities_json: String::new(),
-        min_data_revision: String::new(),
+        ..Default::default()
     }
 }
 pub mod nats;
