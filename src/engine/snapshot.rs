@@ -6,10 +6,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::compiled_policies::CompiledPolicies;
 use super::decision_cache::DecisionCache;
 use super::entity_store::EntityStore;
 use super::options::{LoadOptions, OnEvaluationError, RequestEntitiesMode, RequestLimits};
 use super::policy_index::PolicyIndex;
+use super::request_schema::RequestSchema;
 pub(crate) use super::slice::collect_uids;
 use super::slice::{
     MaterializeError, SliceError, SliceGraph, entity_references, refuse_overlay_parent,
@@ -101,6 +103,10 @@ pub struct PolicySnapshot {
     pub(crate) action_entities: Option<Entities>,
     /// The policies by scope, when the set is large enough for it to pay.
     index: Option<PolicyIndex>,
+    /// Type names and per-action request shapes, compiled from the schema.
+    pub(crate) request_schema: RequestSchema,
+    /// The whole set's conditions, when the set is not indexed.
+    compiled: Option<CompiledPolicies>,
 }
 
 impl PolicySnapshot {
@@ -117,8 +123,13 @@ impl PolicySnapshot {
         let index = (policies.num_of_policies() >= options.policy_index_min)
             .then(|| PolicyIndex::new(&policies))
             .flatten();
+        let request_schema =
+            RequestSchema::new(schema.as_ref(), literals.iter().map(EntityUid::type_name));
+        let compiled = index.is_none().then(|| CompiledPolicies::new(&policies));
         PolicySnapshot {
             index,
+            request_schema,
+            compiled,
             declared_actions: schema
                 .as_ref()
                 .map(|schema| schema.actions().cloned().collect())
@@ -159,9 +170,10 @@ impl PolicySnapshot {
         request: &Request,
         entities: &Entities,
     ) -> Response {
-        match &self.index {
-            Some(index) => index.authorize(authorizer, request, entities, &self.policies),
-            None => authorizer.is_authorized(request, &self.policies, entities),
+        match (&self.index, &self.compiled) {
+            (Some(index), _) => index.authorize(authorizer, request, entities, &self.policies),
+            (None, Some(compiled)) => compiled.authorize(request, entities),
+            (None, None) => authorizer.is_authorized(request, &self.policies, entities),
         }
     }
 
