@@ -238,3 +238,91 @@ fn constructor(type_name: &Name) -> Option<&'static ExtensionFunction> {
     let found = Extensions::all_available().func(&function).ok()?;
     found.is_single_arg_constructor().then_some(found)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use cedar_policy::Request;
+
+    fn schema() -> Schema {
+        let text = include_str!("../../policies/schema.cedarschema");
+        Schema::from_cedarschema_str(text).unwrap().0
+    }
+
+    fn uid(text: &str) -> EntityUid {
+        text.parse().unwrap()
+    }
+
+    /// Whenever the fast path answers, its context is Cedar's and the
+    /// request is one Cedar accepts with the schema.
+    #[test]
+    fn fast_context_is_cedars_or_none() {
+        let schema = schema();
+        let compiled = RequestSchema::new(Some(&schema), []);
+        let user = uid(r#"Saas::User::"alice""#);
+        let document = uid(r#"Saas::Document::"d""#);
+        let tenant = uid(r#"Saas::Tenant::"t""#);
+        let read = uid(r#"Saas::Action::"read""#);
+        let admin = uid(r#"Saas::Action::"admin""#);
+        let contexts = [
+            r#"{"mfa": true, "source_ip": "10.1.2.3"}"#,
+            r#"{"mfa": false, "source_ip": "::1", "auth_level": 2}"#,
+            r#"{"mfa": false, "source_ip": "10.0.0.0/8", "auth_level": -7}"#,
+            r#"{"mfa": true}"#,
+            r#"{"mfa": true, "source_ip": "10.1.2.3", "extra": 1}"#,
+            r#"{"mfa": "yes", "source_ip": "10.1.2.3"}"#,
+            r#"{"mfa": true, "source_ip": "not an ip"}"#,
+            r#"{"mfa": true, "source_ip": {"__extn": {"fn": "ip", "arg": "10.1.2.3"}}}"#,
+            r#"{"mfa": true, "source_ip": "10.1.2.3", "auth_level": 2.0}"#,
+            r#"{"mfa": true, "source_ip": "10.1.2.3", "auth_level": 18446744073709551615}"#,
+            r#"{"mfa": true, "source_ip": 3}"#,
+            r#"{}"#,
+        ];
+        let requests = [
+            (&user, &read, &document),
+            (&user, &admin, &tenant),
+            (&user, &read, &tenant),
+            (&document, &read, &document),
+        ];
+        let mut fast = 0;
+        for (principal, action, resource) in requests {
+            for text in contexts {
+                let json: serde_json::Value = serde_json::from_str(text).unwrap();
+                let Some(context) = compiled.context(principal, action, resource, json.as_object())
+                else {
+                    continue;
+                };
+                fast += 1;
+                let cedars = Context::from_json_value(json, Some((&schema, action)))
+                    .unwrap_or_else(|error| panic!("{text}: Cedar refuses it: {error}"));
+                assert_eq!(context, cedars, "{text}");
+                Request::new(
+                    principal.clone(),
+                    action.clone(),
+                    resource.clone(),
+                    context,
+                    Some(&schema),
+                )
+                .unwrap_or_else(|error| panic!("{text}: Cedar refuses the request: {error}"));
+            }
+        }
+        // The valid contexts of the first two requests.
+        assert_eq!(fast, 6);
+    }
+
+    #[test]
+    fn type_names_are_the_parsers() {
+        let schema = schema();
+        let compiled = RequestSchema::new(Some(&schema), []);
+        for text in ["Saas::User", "Saas::Action", "Saas::Document"] {
+            assert_eq!(
+                compiled.type_name(text),
+                Some(text.parse::<EntityTypeName>().unwrap())
+            );
+        }
+        assert_eq!(compiled.type_name("Saas :: User"), None);
+        assert_eq!(compiled.type_name("User"), None);
+    }
+}
