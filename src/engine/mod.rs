@@ -6,6 +6,7 @@
 //! request is a [`RequestError`]; anything that goes wrong inside evaluation
 //! is carried in the [`Decision`] and can only lead to deny.
 
+mod compiled_policies;
 mod decision;
 mod decision_cache;
 pub mod entity_store;
@@ -17,6 +18,7 @@ mod options;
 mod policy_index;
 mod request_entities;
 pub mod request_overlay;
+mod request_schema;
 mod slice;
 mod slice_cache;
 mod snapshot;
@@ -339,9 +341,10 @@ impl Engine {
         let policies = &*snapshot.policies;
         let schema = policies.schema.as_ref();
 
-        let principal = parse_uid(input.principal, RequestField::Principal)?;
-        let action = parse_uid(input.action, RequestField::Action)?;
-        let resource = parse_uid(input.resource, RequestField::Resource)?;
+        let types = &policies.request_schema;
+        let principal = parse_known_uid(input.principal, RequestField::Principal, types)?;
+        let action = parse_known_uid(input.action, RequestField::Action, types)?;
+        let resource = parse_known_uid(input.resource, RequestField::Resource, types)?;
 
         if input.context_json.len() > MAX_CONTEXT_BYTES {
             return Err(RequestError::invalid(
@@ -382,7 +385,22 @@ impl Engine {
             (Some(serde_json::Value::Object(fields)), true) => fields.keys().cloned().collect(),
             _ => Vec::new(),
         };
-        let context = parse_context(context_value, schema, &action, policies.validate_requests)?;
+        // A request the schema certainly accepts gets its context built from
+        // the compiled shape and is not validated again; any other takes
+        // Cedar's schema-guided parsing and validation (same answer, or the
+        // exact error).
+        let compiled = match (&context_value, policies.validate_requests) {
+            (Some(serde_json::Value::Object(fields)), true) => {
+                types.context(&principal, &action, &resource, Some(fields))
+            }
+            (None, true) => types.context(&principal, &action, &resource, None),
+            _ => None,
+        };
+        let validated = compiled.is_some();
+        let context = match compiled {
+            Some(context) => context,
+            None => parse_context(context_value, schema, &action, policies.validate_requests)?,
+        };
         // The roots of the overlay's slice: the request's entities, those
         // named in the context, and those named literally in policies. The
         // first `request_roots` are the request's own: the slice cache key.
@@ -401,7 +419,7 @@ impl Engine {
             Vec::new()
         };
 
-        let request_schema = if policies.validate_requests {
+        let request_schema = if policies.validate_requests && !validated {
             schema
         } else {
             None
@@ -608,6 +626,15 @@ pub const MAX_CONTEXT_BYTES: usize = 256 * 1024;
 const QUOTED_BYTES: usize = 256;
 
 fn parse_uid(input: Option<UidInput<'_>>, field: RequestField) -> Result<EntityUid, RequestError> {
+    parse_known_uid(input, field, &request_schema::RequestSchema::default())
+}
+
+/// [`parse_uid`], with the type names `known` has already parsed.
+fn parse_known_uid(
+    input: Option<UidInput<'_>>,
+    field: RequestField,
+    known: &request_schema::RequestSchema,
+) -> Result<EntityUid, RequestError> {
     let input = input.ok_or_else(|| RequestError::invalid(field, "is required"))?;
     for (part, text) in [("type", input.type_name), ("id", input.id)] {
         if text.len() > MAX_UID_BYTES {
@@ -622,6 +649,12 @@ fn parse_uid(input: Option<UidInput<'_>>, field: RequestField) -> Result<EntityU
     }
     if input.type_name.is_empty() {
         return Err(RequestError::invalid(field, "entity type is empty"));
+    }
+    if let Some(type_name) = known.type_name(input.type_name) {
+        return Ok(EntityUid::from_type_name_and_id(
+            type_name,
+            EntityId::new(input.id),
+        ));
     }
     let type_name: EntityTypeName = input.type_name.parse().map_err(|error| {
         RequestError::invalid(

@@ -17,8 +17,9 @@
 //! Cedar resolves it.
 //!
 //! Built once per policy set (off the hot path). A candidate set becomes a
-//! Cedar `PolicySet`, memoised per distinct candidate set in a bounded
-//! `moka` cache, so a decision usually does lookups and no building.
+//! Cedar `PolicySet` and then its compiled conditions (`CompiledPolicies`),
+//! memoised per distinct candidate set in a bounded `moka` cache, so a
+//! decision usually does lookups and no building.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ use cedar_policy::{
     ActionConstraint, Authorizer, Entities, EntityTypeName, EntityUid, Policy, PolicyId, PolicySet,
     PrincipalConstraint, Request, ResourceConstraint, Response,
 };
+
+use super::compiled_policies::CompiledPolicies;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -142,8 +145,8 @@ pub(crate) struct PolicyIndex {
     actions: Buckets,
     resources: Buckets,
     /// Candidate sets already built, by their sorted positions.
-    sets: moka::sync::Cache<Box<[u32]>, Arc<PolicySet>, foldhash::fast::RandomState>,
-    empty: PolicySet,
+    sets: moka::sync::Cache<Box<[u32]>, Arc<CompiledPolicies>, foldhash::fast::RandomState>,
+    empty: CompiledPolicies,
 }
 
 /// Interns uids and types while the index is built.
@@ -238,11 +241,11 @@ impl PolicyIndex {
             principals,
             actions,
             resources,
-            sets: moka::sync::Cache::<Box<[u32]>, Arc<PolicySet>>::builder()
+            sets: moka::sync::Cache::<Box<[u32]>, Arc<CompiledPolicies>>::builder()
                 .max_capacity(CANDIDATE_SETS_CAPACITY)
                 .weigher(|key, _| u32::try_from(key.len() + 1).unwrap_or(u32::MAX))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
-            empty: PolicySet::new(),
+            empty: CompiledPolicies::new(&PolicySet::new()),
         })
     }
 
@@ -259,19 +262,19 @@ impl PolicyIndex {
             return authorizer.is_authorized(request, policies, entities);
         };
         if candidates.is_empty() {
-            return authorizer.is_authorized(request, &self.empty, entities);
+            return self.empty.authorize(request, entities);
         }
         // A set nearly as large as the whole one is not worth building.
         if candidates.len() * 2 > self.scopes.len() {
             return authorizer.is_authorized(request, policies, entities);
         }
         if let Some(set) = self.sets.get(candidates.as_slice()) {
-            return authorizer.is_authorized(request, &set, entities);
+            return set.authorize(request, entities);
         }
         match self.build(&candidates, policies) {
             Some(set) => {
-                let set = Arc::new(set);
-                let response = authorizer.is_authorized(request, &set, entities);
+                let set = Arc::new(CompiledPolicies::new(&set));
+                let response = set.authorize(request, entities);
                 self.sets.insert(candidates.into_boxed_slice(), set);
                 response
             }

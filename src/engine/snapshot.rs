@@ -6,12 +6,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use super::compiled_policies::CompiledPolicies;
 use super::decision_cache::DecisionCache;
 use super::entity_store::EntityStore;
 use super::error::RequestError;
 use super::explain::scope_policies;
 use super::options::{LoadOptions, OnEvaluationError, RequestEntitiesMode, RequestLimits};
 use super::policy_index::PolicyIndex;
+use super::request_schema::RequestSchema;
 pub(crate) use super::slice::collect_uids;
 use super::slice::{
     MaterializeError, SliceError, SliceGraph, entity_references, refuse_overlay_parent,
@@ -108,6 +110,10 @@ pub struct PolicySnapshot {
     /// Each policy's scope as a policy of its own, derived on the first
     /// explain (never on the decision path).
     explain_scopes: OnceLock<Result<PolicySet, String>>,
+    /// Type names and per-action request shapes, compiled from the schema.
+    pub(crate) request_schema: RequestSchema,
+    /// The whole set's conditions, when the set is not indexed.
+    compiled: Option<CompiledPolicies>,
 }
 
 impl PolicySnapshot {
@@ -124,9 +130,14 @@ impl PolicySnapshot {
         let index = (policies.num_of_policies() >= options.policy_index_min)
             .then(|| PolicyIndex::new(&policies))
             .flatten();
+        let request_schema =
+            RequestSchema::new(schema.as_ref(), literals.iter().map(EntityUid::type_name));
+        let compiled = index.is_none().then(|| CompiledPolicies::new(&policies));
         PolicySnapshot {
             index,
             explain_scopes: OnceLock::new(),
+            request_schema,
+            compiled,
             declared_actions: schema
                 .as_ref()
                 .map(|schema| schema.actions().cloned().collect())
@@ -167,9 +178,10 @@ impl PolicySnapshot {
         request: &Request,
         entities: &Entities,
     ) -> Response {
-        match &self.index {
-            Some(index) => index.authorize(authorizer, request, entities, &self.policies),
-            None => authorizer.is_authorized(request, &self.policies, entities),
+        match (&self.index, &self.compiled) {
+            (Some(index), _) => index.authorize(authorizer, request, entities, &self.policies),
+            (None, Some(compiled)) => compiled.authorize(request, entities),
+            (None, None) => authorizer.is_authorized(request, &self.policies, entities),
         }
     }
 
