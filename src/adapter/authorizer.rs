@@ -208,6 +208,10 @@ impl Authorizer for AuthorizerService {
         self.wait_for_revision(min).await?;
         let facts = call_facts(&self.log, &request);
         let request = request.into_inner();
+        // Read before the decision takes its data: read after, a sync that
+        // caught up meanwhile made an answer on the old data look fresh
+        // (seen by the chaos run after a Postgres restart).
+        let stale = self.stale();
         let (request, outcome) = if request.entities_json.is_empty() {
             let outcome = self.engine.check(&input(&request));
             (request, outcome)
@@ -223,7 +227,7 @@ impl Authorizer for AuthorizerService {
         match outcome {
             Ok(decision) => {
                 self.metrics.record(&decision);
-                let answer = response(&decision, self.stale());
+                let answer = response(&decision, stale);
                 if let Some((caller, traceparent)) = facts {
                     self.log
                         .log(event(request, decision, caller, traceparent))
