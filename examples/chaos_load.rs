@@ -629,7 +629,7 @@ async fn report(
                     phase.max_policy_lag_ms =
                         phase.max_policy_lag_ms.max(sent.saturating_sub(written));
                 }
-                outcome != "allow" && outcome != "deny" || expected != (outcome == "allow")
+                (outcome != "allow" && outcome != "deny") || expected != (outcome == "allow")
             }
             _ => true,
         };
@@ -662,10 +662,10 @@ async fn report(
         phase.peak_fds = phase.peak_fds.max(fds);
     }
     for f in lines_or_empty(&out.join("recovery.tsv")) {
-        if let (Some(name), Some(what)) = (f.first(), f.get(1)) {
-            if let Some(i) = phases.iter().position(|(_, n)| n == name) {
-                table[i].recovery.push(what.clone());
-            }
+        if let (Some(name), Some(what)) = (f.first(), f.get(1))
+            && let Some(i) = phases.iter().position(|(_, n)| n == name)
+        {
+            table[i].recovery.push(what.clone());
         }
     }
 

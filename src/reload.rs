@@ -235,10 +235,10 @@ impl Hangup {
     /// Resolves at the next SIGHUP; never when it cannot be listened for.
     async fn recv(&mut self) {
         #[cfg(unix)]
-        if let Some(signal) = &mut self.0 {
-            if signal.recv().await.is_some() {
-                return;
-            }
+        if let Some(signal) = &mut self.0
+            && signal.recv().await.is_some()
+        {
+            return;
         }
         std::future::pending::<()>().await;
     }
