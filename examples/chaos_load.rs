@@ -69,7 +69,7 @@ fn next(state: &mut u64) -> u64 {
 // ---------------------------------------------------------------- policies
 
 fn broken(version: u64) -> bool {
-    version % 5 == 0
+    version.is_multiple_of(5)
 }
 fn read_threshold(version: u64) -> i64 {
     ((version * 7) % 10) as i64
@@ -235,12 +235,16 @@ async fn caller(
         ticker.tick().await;
         let r = next(&mut state);
         // One in ten principals exists nowhere.
-        let principal = if r % 10 == 0 {
+        let principal = if r.is_multiple_of(10) {
             format!("ghost{}", (r >> 8) % 50)
         } else {
             format!("u{}", (r >> 8) % USERS)
         };
-        let action = if (r >> 20) % 3 == 0 { "write" } else { "read" };
+        let action = if (r >> 20).is_multiple_of(3) {
+            "write"
+        } else {
+            "read"
+        };
         let document = (r >> 24) % DOCUMENTS;
         let boost = ((r >> 32) % 4) as i64;
         let request = pb::CheckRequest {
