@@ -248,17 +248,22 @@ pub async fn watch_files(
     let mut last = baseline;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut hangup = Hangup::new();
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
+        let forced = tokio::select! {
+            _ = ticker.tick() => false,
+            () = hangup.recv() => true,
             _ = stop.changed() => return,
+        };
+        if forced {
+            tracing::info!(target: "arbiter::policy", "SIGHUP received: reloading the files");
         }
         let paths_now = paths.clone();
         let Ok(current) = tokio::task::spawn_blocking(move || Fingerprint::of(&paths_now)).await
         else {
             continue;
         };
-        if current == last {
+        if current == last && !forced {
             continue;
         }
         last = current;
@@ -279,5 +284,34 @@ pub async fn watch_files(
         if !matches!(outcome, Ok(true)) {
             tracing::warn!("keeping the last good policy set");
         }
+    }
+}
+
+/// SIGHUP, the conventional "reload your files" signal: a reload even when
+/// no file's stamp changed (an edit that kept size and mtime).
+struct Hangup(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+impl Hangup {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Hangup(signal(SignalKind::hangup()).ok())
+        }
+        #[cfg(not(unix))]
+        {
+            Hangup()
+        }
+    }
+
+    /// Resolves at the next SIGHUP; never when it cannot be listened for.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = &mut self.0
+            && signal.recv().await.is_some()
+        {
+            return;
+        }
+        std::future::pending::<()>().await;
     }
 }

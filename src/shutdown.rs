@@ -1,9 +1,14 @@
-//! Resolves when the process is asked to stop (SIGTERM or SIGINT).
+//! Resolves when the process is asked to stop (SIGTERM or SIGINT). SIGHUP
+//! does not stop it: the policy watcher reloads the files on it.
 
 pub async fn signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
+        // Listening for SIGHUP replaces its default action, which ends the
+        // process at once (no drain, queued decision records lost); the
+        // policy watcher reloads the files on it.
+        let _hangup = signal(SignalKind::hangup());
         match signal(SignalKind::terminate()) {
             Ok(mut terminate) => {
                 tokio::select! {

@@ -234,6 +234,10 @@ impl Authorizer for AuthorizerService {
         self.wait_for_revision(min).await?;
         let facts = call_facts(&self.log, &request);
         let request = request.into_inner();
+        // Read before the decision takes its data: read after, a sync that
+        // caught up meanwhile made an answer on the old data look fresh
+        // (seen by the chaos run after a Postgres restart).
+        let stale = self.stale();
         let (request, outcome) = if !is_heavy(&request) {
             let outcome = self.engine.check(&input(&request)).map(|d| (d, None));
             (request, outcome)
@@ -255,7 +259,7 @@ impl Authorizer for AuthorizerService {
         match outcome {
             Ok((decision, explained)) => {
                 self.metrics.record(&decision);
-                let mut answer = response(&decision, self.stale());
+                let mut answer = response(&decision, stale);
                 answer.explanation = explained.map(explanation);
                 if let Some((caller, traceparent)) = facts {
                     self.log

@@ -155,11 +155,13 @@ impl SyncStatus {
             .saturating_sub(self.applied_position())
     }
 
-    fn succeeded(&self) {
-        let now = now_ms();
-        self.last_success_ms.store(now, Ordering::Release);
+    /// The source was reached at `at` (Unix ms): what was read then is
+    /// served now. Never moves back (a slow read finishing late).
+    fn succeeded(&self, at: u64) {
+        let last = self.last_success_ms.fetch_max(at, Ordering::AcqRel).max(at);
         self.last_error.store(None);
-        metrics::gauge!("arbiter_identity_last_success_timestamp_seconds").set(now as f64 / 1000.0);
+        metrics::gauge!("arbiter_identity_last_success_timestamp_seconds")
+            .set(last as f64 / 1000.0);
     }
 
     fn failed(&self, error: &IdentityError) {
@@ -329,6 +331,8 @@ pub struct Applier {
     store: StoreWriter,
     /// The last position applied; `None` before the first full sync.
     position: Option<u64>,
+    /// When the read being applied began (Unix ms), see [`Self::contacting`].
+    contact_ms: Option<u64>,
 }
 
 impl Applier {
@@ -339,7 +343,19 @@ impl Applier {
             status,
             source,
             position: None,
+            contact_ms: None,
         }
+    }
+
+    /// A read of the source begins: the data it returns is as of now, and
+    /// freshness counts from now, not from when the read completes (a slow
+    /// store returns data already old; found by the chaos run).
+    pub fn contacting(&mut self) {
+        self.contact_ms = Some(now_ms());
+    }
+
+    fn contacted_at(&mut self) -> u64 {
+        self.contact_ms.take().unwrap_or_else(now_ms)
     }
 
     pub fn position(&self) -> Option<u64> {
@@ -453,8 +469,9 @@ impl Applier {
     }
 
     /// The source was reached and had nothing new.
-    pub fn touch(&self) {
-        self.status.succeeded();
+    pub fn touch(&mut self) {
+        let at = self.contacted_at();
+        self.status.succeeded(at);
     }
 
     /// The source's newest position, read before applying what comes
@@ -490,7 +507,8 @@ impl Applier {
         metrics::gauge!("arbiter_identity_applied_position", "source" => self.source)
             .set(position as f64);
         self.report_lag();
-        self.status.succeeded();
+        let at = self.contacted_at();
+        self.status.succeeded(at);
         self.status.synced.store(true, Ordering::Release);
     }
 
@@ -632,6 +650,30 @@ mod tests {
     use super::*;
     use crate::engine::entity_store::StoredValue;
     use serde_json::json;
+
+    /// Freshness counts from when a read began: data that took longer
+    /// than the maximum staleness to arrive is stale when it arrives.
+    #[tokio::test]
+    async fn a_read_slower_than_the_maximum_staleness_is_stale_on_arrival() {
+        let engine = Arc::new(Engine::with_external_data());
+        let status = Arc::new(SyncStatus::new(Duration::from_millis(50)));
+        let mut applier = Applier::new(engine, status.clone(), "test");
+        applier.contacting();
+        applier.replace_all(Vec::new(), 1).await.unwrap();
+        assert!(status.is_synced());
+        // A poll against a slow store: begun, answered later.
+        applier.contacting();
+        std::thread::sleep(Duration::from_millis(100));
+        applier.touch();
+        assert!(!status.is_fresh(), "data read 100 ms ago passed for fresh");
+        // A prompt read is fresh again; a late one never moves it back.
+        applier.contacting();
+        applier.touch();
+        assert!(status.is_fresh());
+        let last = status.last_success_ms.load(Ordering::Acquire);
+        status.succeeded(last - 1_000);
+        assert_eq!(status.last_success_ms.load(Ordering::Acquire), last);
+    }
 
     #[test]
     fn rejected_rows_are_named_up_to_the_cap_then_counted_as_other() {

@@ -289,6 +289,7 @@ async fn full_sync(
     source: &PostgresSource,
     applier: &mut Applier,
 ) -> Result<(), IdentityError> {
+    applier.contacting();
     let mut client_tx = ReadSnapshot::begin(client).await?;
     let position: i64 = client_tx
         .client
@@ -336,6 +337,7 @@ async fn poll(
     let newest: i64 = client.query_one(head, &[]).await?.try_get(0)?;
     applier.saw_source_position(newest.max(0) as u64);
     let after = applier.position().unwrap_or(0) as i64;
+    applier.contacting();
     let mut tx = ReadSnapshot::begin(client).await?;
     let rows = tx.client.query(changes, &[&after]).await?;
     let Some(last) = rows.last() else {
