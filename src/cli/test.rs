@@ -11,7 +11,6 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-
 use super::test_report::{CaseReport, Summary};
 use super::{SourceArgs, exit};
 use crate::engine::{Sources, loader};
