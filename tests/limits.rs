@@ -361,3 +361,65 @@ async fn http2_limits_are_what_the_server_announces() {
     assert!(client.check(small).await.is_ok());
     server.stop().await.unwrap();
 }
+
+/// `arbiter_decisions_total{outcome="invalid_request"}` as /metrics shows it.
+async fn invalid_requests(server: &TestServer) -> u64 {
+    let (_, metrics) = server.admin_get("/metrics").await;
+    let series = "arbiter_decisions_total{outcome=\"invalid_request\"} ";
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// A context nested deeper than `MAX_CONTEXT_DEPTH` is refused before it is
+/// parsed, naming the field and the limit, and counted; one at the limit
+/// passes that check (and is then judged by the schema as any other).
+/// Brackets inside strings do not count.
+#[tokio::test]
+async fn context_nesting_beyond_the_limit_is_invalid_argument() {
+    use arbiter::engine::MAX_CONTEXT_DEPTH;
+    let server = TestServer::start(common::config(Default::default())).await;
+    let mut client = server.client().await;
+    // `{"mfa": true, "source_ip": "10.1.2.3", "extra": [[...]]}`: the
+    // outer object is one level.
+    let nested = |levels: usize| {
+        let mut request = allowed();
+        request.context_json = format!(
+            r#"{{"mfa": true, "source_ip": "10.1.2.3", "extra": {}0{}}}"#,
+            "[".repeat(levels - 1),
+            "]".repeat(levels - 1)
+        );
+        request
+    };
+    let before = invalid_requests(&server).await;
+    for levels in [MAX_CONTEXT_DEPTH + 1, 100_000] {
+        let status = client.check(nested(levels)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with("`context_json`")
+                && status
+                    .message()
+                    .contains(&format!("nests deeper than {MAX_CONTEXT_DEPTH} levels")),
+            "{}",
+            status.message()
+        );
+    }
+    assert_eq!(invalid_requests(&server).await, before + 2);
+    // At the limit the nesting is accepted; the schema then refuses the
+    // unknown `extra` attribute, which is another message.
+    let status = client.check(nested(MAX_CONTEXT_DEPTH)).await.unwrap_err();
+    assert!(!status.message().contains("nests deeper"), "{status:?}");
+    // Brackets in a string are text, not nesting.
+    let mut in_string = allowed();
+    in_string.context_json = format!(
+        r#"{{"mfa": true, "source_ip": "10.1.2.3{}"}}"#,
+        "[{\\\"".repeat(100)
+    );
+    let status = client.check(in_string).await.unwrap_err();
+    assert!(!status.message().contains("nests deeper"), "{status:?}");
+    // And an ordinary context still decides.
+    let answer = client.check(allowed()).await.unwrap().into_inner();
+    assert_eq!(answer.decision(), Decision::Allow);
+    server.stop().await.unwrap();
+}

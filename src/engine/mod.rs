@@ -355,6 +355,12 @@ impl Engine {
                 ),
             ));
         }
+        if let Some(depth) = nesting_beyond(input.context_json, MAX_CONTEXT_DEPTH) {
+            return Err(RequestError::invalid(
+                RequestField::Context,
+                format!("nests deeper than {MAX_CONTEXT_DEPTH} levels (at least {depth})"),
+            ));
+        }
         let context_value = if input.context_json.trim().is_empty() {
             None
         } else {
@@ -621,6 +627,45 @@ pub const MAX_UID_BYTES: usize = 1_024;
 
 /// The longest `context_json` a request may carry (before it is parsed).
 pub const MAX_CONTEXT_BYTES: usize = 256 * 1024;
+
+/// The deepest nesting of objects and arrays `context_json` may have.
+/// Cedar records rarely go beyond a few levels; the bound keeps the parser's
+/// and Cedar's recursive walks shallow and makes the refusal a stated limit
+/// rather than the JSON parser's own (128).
+pub const MAX_CONTEXT_DEPTH: usize = 32;
+
+/// `Some(depth)` when `json` nests objects and arrays deeper than `max`: a
+/// scan of the bytes (strings and their escapes skipped), before any parse,
+/// so an over-deep text costs one pass and stops at the first level too
+/// many. Malformed JSON is left to the parser.
+fn nesting_beyond(json: &str, max: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for byte in json.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return Some(depth);
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
 
 /// How much of an input value a message quotes.
 const QUOTED_BYTES: usize = 256;
