@@ -657,10 +657,13 @@ fn spawn_embedded_server() -> std::process::Child {
         .unwrap()
 }
 
-/// The README's quick start: `arbiter serve` on the embedded default, then
-/// `arbiter check --server` as the client, one allow and one deny.
-#[test]
-fn quick_start_allow_and_deny_through_a_running_server() {
+/// [`spawn_embedded_server`], once it serves: the server, its gRPC URL (read
+/// from its log) and a thread that collects the rest of its log.
+fn start_embedded_server() -> (
+    std::process::Child,
+    String,
+    std::thread::JoinHandle<Vec<String>>,
+) {
     use std::io::{BufRead, BufReader};
     let mut server = spawn_embedded_server();
     let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
@@ -676,6 +679,14 @@ fn quick_start_allow_and_deny_through_a_running_server() {
     }
     let url = format!("http://{}", addr.expect("the server logs its address"));
     let log = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    (server, url, log)
+}
+
+/// The README's quick start: `arbiter serve` on the embedded default, then
+/// `arbiter check --server` as the client, one allow and one deny.
+#[test]
+fn quick_start_allow_and_deny_through_a_running_server() {
+    let (mut server, url, log) = start_embedded_server();
     let ask = |principal: &str, action: &str| {
         Command::new(env!("CARGO_BIN_EXE_arbiter"))
             .args(["check", "--server", &url])
@@ -716,21 +727,7 @@ fn quick_start_allow_and_deny_through_a_running_server() {
 /// locally, for an allow, a forbid override, a near miss and errors.
 #[test]
 fn check_explain_through_a_server_matches_the_local_answer() {
-    use std::io::{BufRead, BufReader};
-    let mut server = spawn_embedded_server();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
-    let mut addr = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(rest) = line.split("grpc=").nth(1) {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if line.contains("serving arbiter.v1.Authorizer") {
-            break;
-        }
-    }
-    let url = format!("http://{}", addr.expect("the server logs its address"));
-    let log = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let (mut server, url, log) = start_embedded_server();
     let ask = |server: Option<&str>, principal: &str, action: &str, resource: &str| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_arbiter"));
         command.current_dir(env!("CARGO_MANIFEST_DIR")).arg("check");

@@ -4,22 +4,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use arbiter::proto::v1::CheckRequest;
 use arbiter::proto::v1::authorizer_client::AuthorizerClient;
-use arbiter::proto::v1::{CheckRequest, EntityUid};
+use common::uid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn policy(version: u32) -> String {
     format!("@id(\"v{version}\")\npermit (principal, action, resource);\n")
-}
-
-fn uid(r#type: &str, id: &str) -> Option<EntityUid> {
-    Some(EntityUid {
-        r#type: r#type.into(),
-        id: id.into(),
-    })
 }
 
 async fn reasons(client: &mut AuthorizerClient<tonic::transport::Channel>) -> Vec<String> {
@@ -57,16 +53,7 @@ async fn sighup_reloads_the_files_and_keeps_serving() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut grpc = None;
-    while let Some(line) = lines.next_line().await.unwrap() {
-        if let Some(rest) = line.split("grpc=").nth(1) {
-            grpc = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if line.contains("serving arbiter.v1.Authorizer") {
-            break;
-        }
-    }
-    let addr = grpc.expect("the server logs its gRPC address");
+    let addr = common::served_grpc_address(&mut lines).await;
     let mut client = AuthorizerClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

@@ -355,10 +355,10 @@ impl Engine {
                 ),
             ));
         }
-        if let Some(depth) = nesting_beyond(input.context_json, MAX_CONTEXT_DEPTH) {
+        if nests_deeper_than(input.context_json, MAX_CONTEXT_DEPTH) {
             return Err(RequestError::invalid(
                 RequestField::Context,
-                format!("nests deeper than {MAX_CONTEXT_DEPTH} levels (at least {depth})"),
+                format!("nests deeper than {MAX_CONTEXT_DEPTH} levels"),
             ));
         }
         let context_value = if input.context_json.trim().is_empty() {
@@ -634,11 +634,10 @@ pub const MAX_CONTEXT_BYTES: usize = 256 * 1024;
 /// rather than the JSON parser's own (128).
 pub const MAX_CONTEXT_DEPTH: usize = 32;
 
-/// `Some(depth)` when `json` nests objects and arrays deeper than `max`: a
-/// scan of the bytes (strings and their escapes skipped), before any parse,
-/// so an over-deep text costs one pass and stops at the first level too
-/// many. Malformed JSON is left to the parser.
-fn nesting_beyond(json: &str, max: usize) -> Option<usize> {
+/// Whether `json` nests objects and arrays deeper than `max`: a scan of the
+/// bytes (strings and their escapes skipped), before any parse, that stops
+/// at the first level too many. Malformed JSON is left to the parser.
+fn nests_deeper_than(json: &str, max: usize) -> bool {
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
@@ -657,14 +656,14 @@ fn nesting_beyond(json: &str, max: usize) -> Option<usize> {
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max {
-                    return Some(depth);
+                    return true;
                 }
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
     }
-    None
+    false
 }
 
 /// How much of an input value a message quotes.

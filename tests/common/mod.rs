@@ -211,3 +211,20 @@ pub fn never_started(status: &tonic::Status) -> bool {
         _ => false,
     }
 }
+
+/// Reads the log of a spawned `arbiter serve` until it serves gRPC, and
+/// returns the address it logged; the rest of the log stays in `lines`.
+pub async fn served_grpc_address(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+) -> String {
+    let mut grpc = None;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if let Some(rest) = line.split("grpc=").nth(1) {
+            grpc = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.contains("serving arbiter.v1.Authorizer") {
+            break;
+        }
+    }
+    grpc.expect("the server logs its gRPC address")
+}
